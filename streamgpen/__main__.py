@@ -1,0 +1,3 @@
+from streamgpen.cli import main
+
+main()
