@@ -1,0 +1,227 @@
+"""The ``streamgpen`` command line.
+
+Commands are registered on the module-level ``app`` (and sub-apps such as ``weights_app``);
+``main()`` runs it and turns a ``UserError`` into one ``streamgpen: error: ...`` line on stderr.
+Commands import what needs torch inside their bodies, so that ``--help`` and ``--version`` answer
+without the seconds torch takes to import.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from streamgpen import __version__
+from streamgpen.errors import UserError
+
+app = typer.Typer(
+    name="streamgpen",
+    help="GPEN face enhancement for photos, video files, RTSP streams and webcams.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+weights_app = typer.Typer(
+    help="List, download and check model weights.",
+    no_args_is_help=True,
+)
+app.add_typer(weights_app, name="weights")
+
+WeightsDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--weights-dir",
+        help=(
+            "Directory of model files [default: $STREAMGPEN_WEIGHTS, else "
+            "$XDG_CACHE_HOME/streamgpen/weights, else ~/.cache/streamgpen/weights]."
+        ),
+        show_default=False,
+        file_okay=False,
+    ),
+]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"streamgpen {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """GPEN face enhancement for photos, video files, RTSP streams and webcams."""
+
+
+@weights_app.command("list")
+def weights_list(weights_dir: WeightsDirOption = None) -> None:
+    """List the known models, whether each is in the weights directory, and its URL."""
+    from streamgpen import weights
+
+    directory = weights.weights_dir(weights_dir)
+    table = Table(title=f"weights directory: {directory}", title_justify="left")
+    for column in ("name", "kind", "file", "present", "url"):
+        table.add_column(column, overflow="fold")
+    for spec in weights.MODELS.values():
+        present = "yes" if (directory / spec.filename).is_file() else "no"
+        url = weights.source_url(spec) or "none: place the file by hand"
+        table.add_row(spec.name, spec.kind, spec.filename, present, url)
+    Console().print(table)
+
+
+@weights_app.command("download")
+def weights_download(
+    name: Annotated[str, typer.Argument(help="Model name, as `weights list` shows it.")],
+    weights_dir: WeightsDirOption = None,
+) -> None:
+    """Download a model into the weights directory (resuming a partial download) and check it.
+
+    Prints the file's path. A file already present is left as it is.
+    """
+    from streamgpen import weights
+
+    path = weights.ensure(name, weights.weights_dir(weights_dir))
+    typer.echo(path)
+
+
+@weights_app.command("verify")
+def weights_verify(
+    file: Annotated[Path, typer.Argument(help="Checkpoint file to check.", dir_okay=False)],
+) -> None:
+    """Check that FILE is a loadable GPEN or RetinaFace checkpoint and describe it."""
+    from streamgpen import weights
+
+    typer.echo(f"{file}: {weights.verify(file)}")
+
+
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (CUDA when available)."
+
+
+@app.command()
+def enhance(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A photo, a folder of photos, a video file, rtsp://... or another stream URL, "
+            "or webcam:N.",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "-o",
+            "--output",
+            help="Output photo, folder, or video file [default: beside the input, *_enhanced].",
+            show_default=False,
+        ),
+    ] = None,
+    model: Annotated[
+        str, typer.Option(help="GPEN-BFR-512, GPEN-BFR-256, GPEN-BFR-1024 or identity.")
+    ] = "GPEN-BFR-512",
+    model_path: Annotated[
+        Path | None,
+        typer.Option(
+            help="Any GPEN checkpoint; its architecture is read from its shapes.",
+            dir_okay=False,
+            show_default=False,
+        ),
+    ] = None,
+    detector: Annotated[
+        str, typer.Option(help="retinaface_resnet50 or retinaface_mobile0.25.")
+    ] = "retinaface_resnet50",
+    det_size: Annotated[
+        int, typer.Option(help="Detection runs on a copy whose long side is at most this.", min=64)
+    ] = 1280,
+    det_threshold: Annotated[
+        float, typer.Option(help="Minimum face probability.", min=0.0, max=1.0)
+    ] = 0.9,
+    min_face: Annotated[int, typer.Option(help="Smallest face kept, in pixels.", min=1)] = 10,
+    batch_size: Annotated[int, typer.Option(help="Faces per GPEN batch.", min=1)] = 8,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    blend: Annotated[
+        float, typer.Option(help="1: restored faces, 0: original faces.", min=0.0, max=1.0)
+    ] = 1.0,
+    clahe: Annotated[
+        bool, typer.Option("--clahe", help="Equalise each face crop's luminance first.")
+    ] = False,
+    only_center_face: Annotated[
+        bool, typer.Option("--only-center-face", help="Enhance only the face nearest the centre.")
+    ] = False,
+    aligned: Annotated[
+        bool, typer.Option("--aligned", help="Inputs already are aligned faces (photos).")
+    ] = False,
+    draw: Annotated[
+        bool, typer.Option("--draw", help="Draw boxes, landmarks and scores on the output.")
+    ] = False,
+    save_faces: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write aligned, restored and side-by-side crops here (photos).",
+            file_okay=False,
+            show_default=False,
+        ),
+    ] = None,
+    faces_json: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write one JSON line per face found.", dir_okay=False, show_default=False
+        ),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")] = False,
+    weights_dir: WeightsDirOption = None,
+) -> None:
+    """Restore every face in photos, folders, videos, streams and webcams."""
+    from streamgpen.enhancer import Enhancer
+    from streamgpen.io.images import is_image_path
+    from streamgpen.photos import PhotoOptions, enhance_photos, plan_outputs
+
+    path = Path(source)
+    is_photo = path.is_dir() or is_image_path(path)
+    if not is_photo:
+        raise UserError(f"{source}: video input arrives with the video pipeline")
+    pairs = plan_outputs(path, output)
+    enhancer = Enhancer(
+        model,
+        model_path=model_path,
+        detector=detector,
+        device=device,
+        weights_dir=weights_dir,
+        batch_size=batch_size,
+        det_size=det_size,
+        det_threshold=det_threshold,
+        min_face=min_face,
+        blend=blend,
+        clahe=clahe,
+        only_center_face=only_center_face,
+    )
+    options = PhotoOptions(aligned, draw, save_faces, faces_json, quiet)
+    summary = enhance_photos(enhancer, pairs, options)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """The console entry point: run ``app``; user errors end in one stderr line, exit code 2.
+
+    Typer handles usage errors (exit 2) and Ctrl-C inside a command (exit 130) itself.
+    """
+    try:
+        app()
+    except UserError as e:
+        message = " ".join(str(e).split())
+        print(f"streamgpen: error: {message}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,220 @@
+"""Detect, align, restore and paste back every face of an image or a batch of frames.
+
+This is the core that photos and video share. Pixels live on the torch device as float RGB in
+[0, 1], [B, 3, H, W]; only face coordinates come back to the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from streamgpen import weights
+from streamgpen.align import paste_faces, similarity_transform, template, warp_faces
+from streamgpen.clahe import clahe_luminance
+from streamgpen.detect import DEFAULT_DET_SIZE, Face, FaceDetector
+from streamgpen.errors import UserError
+from streamgpen.runtime import IDENTITY, Identity, Restorer, resolve_device
+
+GPEN_MODELS = ("GPEN-BFR-512", "GPEN-BFR-256", "GPEN-BFR-1024")
+DETECTORS = ("retinaface_resnet50", "retinaface_mobile0.25")
+
+
+@dataclass
+class FaceBatch:
+    """The faces of a batch of frames, aligned: what the restorer consumes and the pasting needs.
+
+    ``frame_index`` [N] says which frame each face belongs to; ``matrices`` [N, 2, 3] map frame
+    pixels to crop pixels; ``crops`` [N, 3, S, S] are RGB in [-1, 1].
+    """
+
+    faces: list[Face]
+    frame_index: torch.Tensor
+    matrices: torch.Tensor
+    crops: torch.Tensor
+    restored: torch.Tensor | None = None
+
+
+@dataclass
+class EnhanceResult:
+    """An enhanced image (same layout and dtype as the input) and the faces found in it."""
+
+    image: np.ndarray
+    faces: list[Face]
+    crops: torch.Tensor = field(repr=False, default=None)
+    restored: torch.Tensor = field(repr=False, default=None)
+
+
+def build_restorer(
+    model: str = "GPEN-BFR-512",
+    model_path: Path | None = None,
+    device: torch.device | str | None = None,
+    weights_dir: Path | None = None,
+    batch_size: int = 8,
+) -> Restorer:
+    """The restorer for ``--model``/``--model-path``; weights are fetched on first use."""
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    if model_path is not None:
+        network = weights.load_gpen(Path(model_path), device="cpu")
+    elif model == IDENTITY:
+        network = Identity()
+    elif model in GPEN_MODELS:
+        network = weights.load_gpen(weights.ensure(model, weights.weights_dir(weights_dir)))
+    else:
+        choices = ", ".join((*GPEN_MODELS, IDENTITY))
+        raise UserError(f"unknown model {model!r} (choose {choices}, or --model-path FILE)")
+    return Restorer(network, device, batch_size)
+
+
+def build_detector(
+    name: str = "retinaface_resnet50",
+    device: torch.device | str | None = None,
+    weights_dir: Path | None = None,
+    det_size: int = DEFAULT_DET_SIZE,
+    threshold: float = 0.9,
+    min_face: int = 10,
+) -> FaceDetector:
+    """The RetinaFace detector for ``--detector``, its weights from the weights directory."""
+    if name not in DETECTORS:
+        raise UserError(f"unknown detector {name!r} (choose {', '.join(DETECTORS)})")
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    path = weights.ensure(name, weights.weights_dir(weights_dir))
+    spec = weights.MODELS[name]
+    return FaceDetector(spec.network_name, path, device, det_size, threshold, min_face)
+
+
+class Enhancer:
+    """Face enhancement of whole images: ``Enhancer(model=..., device=...).enhance(bgr_uint8)``.
+
+    ``blend`` mixes restored and original faces (1: fully restored); ``clahe`` equalises each
+    crop's luminance before the model; ``only_center_face`` keeps the face nearest the centre.
+    """
+
+    def __init__(
+        self,
+        model: str = "GPEN-BFR-512",
+        *,
+        model_path: Path | None = None,
+        detector: str = "retinaface_resnet50",
+        device: str | torch.device | None = None,
+        weights_dir: Path | None = None,
+        batch_size: int = 8,
+        det_size: int = DEFAULT_DET_SIZE,
+        det_threshold: float = 0.9,
+        min_face: int = 10,
+        blend: float = 1.0,
+        clahe: bool = False,
+        only_center_face: bool = False,
+        restorer: Restorer | None = None,
+        face_detector: FaceDetector | None = None,
+    ):
+        if not 0.0 <= blend <= 1.0:
+            raise UserError(f"--blend must be in [0, 1], not {blend}")
+        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
+        self.restorer = restorer or build_restorer(
+            model, model_path, self.device, weights_dir, batch_size
+        )
+        self.detector = face_detector or build_detector(
+            detector, self.device, weights_dir, det_size, det_threshold, min_face
+        )
+        self.size = self.restorer.size
+        self.template = template(self.size).to(self.device)
+        self.blend = blend
+        self.clahe = clahe
+        self.only_center_face = only_center_face
+
+    # --- numpy in, numpy out: photos and the Python API -------------------------------------
+
+    def enhance(self, bgr: np.ndarray) -> EnhanceResult:
+        """Enhance every face of an HxWx3 BGR image (uint8 or uint16); returns the same layout."""
+        frame = self.upload(bgr)
+        faces = self.detect(frame)[0]
+        batch = self.align(frame, [faces])
+        self.restore(batch)
+        out = self.paste(frame, batch)
+        return EnhanceResult(self.download(out, bgr.dtype), faces, batch.crops, batch.restored)
+
+    def enhance_aligned(self, bgr: np.ndarray) -> EnhanceResult:
+        """Restore an image that already is an aligned face: straight through the model."""
+        frame = self.upload(bgr)
+        h, w = frame.shape[-2:]
+        crop = _resize(frame, (self.size, self.size)) * 2 - 1
+        if self.clahe:
+            crop = clahe_luminance(crop)
+        restored = self.restorer(crop)
+        out = _resize((restored + 1) / 2, (h, w))
+        out = frame + self.blend * (out - frame)
+        return EnhanceResult(self.download(out, bgr.dtype), [], crop, restored)
+
+    def upload(self, bgr: np.ndarray) -> torch.Tensor:
+        """HxWx3 BGR uint8/uint16 -> [1, 3, H, W] float RGB in [0, 1] on the device."""
+        scale = float(np.iinfo(bgr.dtype).max)
+        t = torch.from_numpy(np.ascontiguousarray(bgr)).to(self.device)
+        return (t.permute(2, 0, 1).flip(0).float() / scale)[None]
+
+    @staticmethod
+    def download(frame: torch.Tensor, dtype) -> np.ndarray:
+        """[1, 3, H, W] float RGB in [0, 1] -> HxWx3 BGR of ``dtype``."""
+        scale = float(np.iinfo(dtype).max)
+        out = (frame[0].flip(0).permute(1, 2, 0) * scale).round_().clamp_(0, scale)
+        return (
+            out.to(torch.int32 if dtype == np.uint16 else torch.uint8).cpu().numpy().astype(dtype)
+        )
+
+    # --- tensor stages: shared with the video pipeline --------------------------------------
+
+    def detect(self, frames: torch.Tensor) -> list[list[Face]]:
+        """Faces per frame of [B, 3, H, W] float RGB in [0, 1]."""
+        found = self.detector.detect(frames)
+        if self.only_center_face:
+            h, w = frames.shape[-2:]
+            found = [_center_face(faces, w, h) for faces in found]
+        return found
+
+    def align(self, frames: torch.Tensor, faces_per_frame: list[list[Face]]) -> FaceBatch:
+        """Warp every face of every frame to the template, in one batched call."""
+        faces = [f for fs in faces_per_frame for f in fs]
+        index = [i for i, fs in enumerate(faces_per_frame) for _ in fs]
+        frame_index = torch.tensor(index, dtype=torch.long, device=self.device)
+        if not faces:
+            empty = frames.new_zeros(0, 3, self.size, self.size)
+            return FaceBatch([], frame_index, frames.new_zeros(0, 2, 3), empty)
+        landmarks = torch.from_numpy(np.stack([f.landmarks for f in faces])).to(self.device)
+        matrices = similarity_transform(landmarks.float(), self.template)
+        crops = warp_faces(frames, matrices, self.size, frame_index) * 2 - 1
+        return FaceBatch(faces, frame_index, matrices, crops)
+
+    def restore(self, batch: FaceBatch) -> FaceBatch:
+        """Run the restorer on the batch's crops (CLAHE first when asked)."""
+        crops = clahe_luminance(batch.crops) if self.clahe else batch.crops
+        batch.restored = self.restorer(crops)
+        return batch
+
+    def paste(self, frames: torch.Tensor, batch: FaceBatch) -> torch.Tensor:
+        """Blend the restored faces back into their frames."""
+        if not batch.faces:
+            return frames
+        restored = (batch.restored.float() + 1) / 2
+        return paste_faces(frames, restored, batch.matrices, batch.frame_index, self.blend)
+
+
+def _center_face(faces: list[Face], width: int, height: int) -> list[Face]:
+    if not faces:
+        return faces
+    centre = np.array([width / 2, height / 2])
+
+    def distance(face: Face) -> float:
+        box = face.box
+        return float(np.hypot(*((box[:2] + box[2:]) / 2 - centre)))
+
+    return [min(faces, key=distance)]
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)

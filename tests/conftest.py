@@ -1,0 +1,38 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from streamgpen.models.gpen import GPENConfig
+
+SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+# The config of shared/fixtures/gpen/tiny_state_dict.pt (see shared/README.md).
+TINY_CONFIG = GPENConfig(64, style_dim=128, n_mlp=8, channel_multiplier=1, narrow=0.25)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The read-only ``shared/`` directory beside the checkout; the tests need it."""
+    if not SHARED_DIR.is_dir():
+        pytest.fail(f"{SHARED_DIR} is missing: the tests need the shared material beside the repo")
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> GPENConfig:
+    """The architecture of the tiny seeded GPEN fixture."""
+    return TINY_CONFIG
+
+
+@pytest.fixture(scope="session")
+def tiny_state_dict(shared_dir: Path) -> dict[str, torch.Tensor]:
+    """The tiny seeded GPEN's state_dict (size 64); do not modify it in place."""
+    return torch.load(
+        shared_dir / "fixtures" / "gpen" / "tiny_state_dict.pt",
+        map_location="cpu",
+        weights_only=True,
+    )
