@@ -158,9 +158,12 @@ class EqualLinear(nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In the input's dtype, not the weight's: the style path runs in fp32 in an fp16 model.
+        weight = (self.weight * self.scale).to(x.dtype)
+        bias = (self.bias * self.lr_mul).to(x.dtype)
         if self.activation:
-            return fused_leaky_relu(F.linear(x, self.weight * self.scale), self.bias * self.lr_mul)
-        return F.linear(x, self.weight * self.scale, self.bias * self.lr_mul)
+            return fused_leaky_relu(F.linear(x, weight), bias)
+        return F.linear(x, weight, bias)
 
     def __repr__(self) -> str:
         o, i = self.weight.shape
@@ -175,6 +178,11 @@ class ModulatedConv2d(nn.Module):
     demodulation coefficients scale its output. The two are equal (modulation and demodulation are
     per-channel scalings on either side of a linear map), and this form batches on cuDNN and in
     CUDA graphs without per-batch weight tensors.
+
+    Reduced precision: styles and demodulation coefficients are always computed in fp32, and the
+    styles are divided by their per-sample maximum before they scale the activations (StyleGAN3's
+    pre-normalisation), so that neither ``x * s`` nor ``s**2`` can overflow fp16; the demodulation
+    is invariant to that scale, and without demodulation the output is multiplied back by it.
     """
 
     def __init__(
@@ -205,7 +213,9 @@ class ModulatedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         # x: [B, Cin, H, W], style: [B, S] -> [B, Cout, H', W']
-        s = self.modulation(style)  # [B, Cin]
+        s = self.modulation(style.float())  # [B, Cin]
+        peak = s.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)  # [B, 1]
+        s = s / peak
         weight = self.weight[0] * self.scale  # [Cout, Cin, k, k]
         x = x * s[:, :, None, None].to(x.dtype)
         if self.upsample:
@@ -214,11 +224,12 @@ class ModulatedConv2d(nn.Module):
         else:
             out = F.conv2d(x, weight.to(x.dtype), padding=self.padding)
         if self.demodulate:
-            # ||w * s||_2 over (Cin, k, k), per sample and output channel: [B, Cout]
-            w_sq = weight.square().sum(dim=(2, 3))  # [Cout, Cin]
-            demod = torch.rsqrt(s.square() @ w_sq.t() + 1e-8)
-            out = out * demod[:, :, None, None].to(out.dtype)
-        return out
+            # 1 / ||w * s||_2 over (Cin, k, k), per sample and output channel: [B, Cout]
+            w_sq = weight.float().square().sum(dim=(2, 3))  # [Cout, Cin]
+            gain = torch.rsqrt(s.square() @ w_sq.t() + 1e-8)
+        else:
+            gain = peak.expand(-1, self.out_channel)
+        return out * gain[:, :, None, None].to(out.dtype)
 
     def __repr__(self) -> str:
         return (
@@ -386,7 +397,7 @@ class GPEN(nn.Module):
         for name in self.encoder_names:
             x = getattr(self, name)(x)
             features.append(x)  # size x size down to 4x4
-        z = self.final_linear(x.flatten(1))  # [B, S]
+        z = self.final_linear(x.flatten(1).float())  # [B, S], fp32 in any precision
         return self.generator(z, features[::-1])
 
 

@@ -1,0 +1,249 @@
+"""Model-only speed of GPEN as the restorer runs it: faces/s, speed-ups and fraction of peak.
+
+The networks are randomly initialised: their speed does not depend on the weights' values, and
+so the benchmark needs no downloads. Every figure is compared with the official way of running
+GPEN (eager fp32, one face at a time) measured in the same run, and with the FLOP/s of a dense
+matrix multiply measured on the same device.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from streamgpen import weights
+from streamgpen.models.gpen import GPEN
+from streamgpen.runtime import Restorer, resolve_device
+
+# Floating-point operations per face, 2 per multiply-add, from shared/fixtures/gpen/flops.json
+# (torch's FlopCounterMode on the official implementation).
+FLOPS_PER_FACE = {
+    "GPEN-BFR-256": 17406768128,
+    "GPEN-BFR-512": 276220915712,
+    "GPEN-BFR-1024": 346620474368,
+}
+RANDOM_WEIGHTS_NOTE = (
+    "Networks are randomly initialised (seed 0): speed does not depend on the weights' values."
+)
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One way of running the network: its name, weight precision and whether graphs are used."""
+
+    name: str
+    precision: str
+    cuda_graphs: bool = False
+
+
+BASELINE = Mode("eager-fp32", "fp32")  # at batch 1: the official GPEN inference
+CUDA_MODES = (Mode("eager-fp16", "fp16"), Mode("graphs-fp16", "fp16", cuda_graphs=True))
+CPU_MODES = (BASELINE, Mode("eager-bf16", "bf16"))
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How long to measure: warm-up calls, then the median of ``repeats`` runs of ``iters``."""
+
+    warmup: int
+    repeats: int
+    iters: int
+    matmul_n: int
+
+
+def timing(device: torch.device, quick: bool) -> Timing:
+    """The measurement effort for ``device``; ``quick`` keeps a CPU run under a minute."""
+    if device.type == "cuda":
+        return Timing(3, 5, 3, 4096) if quick else Timing(10, 7, 10, 8192)
+    return Timing(1, 3, 1, 1024) if quick else Timing(2, 5, 1, 2048)
+
+
+def default_batch_sizes(device: torch.device, quick: bool) -> list[int]:
+    """The batch sizes measured when none are given."""
+    if quick:
+        return [1, 2]
+    return [1, 2, 4, 8, 16, 32] if device.type == "cuda" else [1, 2, 4]
+
+
+def default_models(quick: bool) -> list[str]:
+    """The models measured when none are given."""
+    return ["GPEN-BFR-256"] if quick else ["GPEN-BFR-256", "GPEN-BFR-512"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, t: Timing) -> float:
+    """Median wall time of one ``fn()`` call, after warm-up, over ``t.repeats`` runs."""
+    for _ in range(t.warmup):
+        fn()
+    samples = []
+    for _ in range(t.repeats):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(t.iters):
+            fn()
+        _sync(device)  # CUDA work is asynchronous: time it to completion
+        samples.append((time.perf_counter() - start) / t.iters)
+    return statistics.median(samples)
+
+
+def matmul_peak(device: torch.device, t: Timing) -> dict:
+    """Dense matmul FLOP/s on ``device`` (fp16 on CUDA, fp32 on CPU): the practical peak."""
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    a = torch.randn(t.matmul_n, t.matmul_n, device=device, dtype=dtype)
+    b = torch.randn(t.matmul_n, t.matmul_n, device=device, dtype=dtype)
+    seconds = median_seconds(lambda: a @ b, device, t)
+    flops = 2 * t.matmul_n**3 / seconds
+    return {"dtype": str(dtype).removeprefix("torch."), "n": t.matmul_n, "tflops": flops / 1e12}
+
+
+def device_name(device: torch.device) -> str:
+    """A human-readable name of the device, for the report."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_model()}, {torch.get_num_threads()} threads"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass  # not Linux
+    return platform.processor() or platform.machine()
+
+
+def measure(
+    model: GPEN, device: torch.device, mode: Mode, batch: int, t: Timing
+) -> dict[str, float]:
+    """Seconds per batch of ``batch`` faces through a Restorer running ``model`` in ``mode``."""
+    restorer = Restorer(
+        copy.deepcopy(model),
+        device,
+        batch,
+        precision=mode.precision,
+        cuda_graphs=mode.cuda_graphs,
+        buckets=(batch,),  # only full batches are timed: capture nothing else
+    )
+    restorer.warmup()
+    crops = torch.rand(batch, 3, model.size, model.size, device=device) * 2 - 1
+    seconds = median_seconds(lambda: restorer(crops), device, t)
+    return {"ms_per_batch": seconds * 1e3, "faces_per_s": batch / seconds}
+
+
+def bench_model(
+    name: str, device: torch.device, batch_sizes: list[int], t: Timing, peak: dict
+) -> list[dict]:
+    """Rows for one model: the baseline, then every mode at every batch size."""
+    torch.manual_seed(0)
+    model = GPEN.from_config(weights.get_spec(name).config).eval()
+    modes = CUDA_MODES if device.type == "cuda" else CPU_MODES
+    runs = [(BASELINE, 1)] + [
+        (mode, b) for mode in modes for b in batch_sizes if (mode, b) != (BASELINE, 1)
+    ]
+    rows = []
+    for mode, batch in runs:
+        row = {
+            "model": name,
+            "mode": mode.name,
+            "precision": mode.precision,
+            "cuda_graphs": mode.cuda_graphs,
+            "batch": batch,
+        }
+        row.update(measure(model, device, mode, batch, t))
+        rows.append(row)
+    baseline = rows[0]["faces_per_s"]
+    for row in rows:
+        achieved = FLOPS_PER_FACE[name] * row["faces_per_s"]
+        row["speedup_vs_baseline"] = row["faces_per_s"] / baseline
+        row["tflops"] = achieved / 1e12
+        row["fraction_of_peak"] = achieved / (peak["tflops"] * 1e12)
+    return rows
+
+
+def run_bench(
+    device: str = "auto",
+    models: list[str] | None = None,
+    batch_sizes: list[int] | None = None,
+    quick: bool = False,
+    json_path: Path | None = None,
+) -> dict:
+    """Benchmark the GPEN network alone on ``device`` and return (and optionally save) a report.
+
+    Baseline: eager fp32 at batch 1. On CUDA: eager fp16 and fp16 with CUDA graphs at each batch
+    size; on CPU: eager fp32 and eager bf16 at each batch size. ``models`` and ``batch_sizes``
+    default to :func:`default_models` and :func:`default_batch_sizes`.
+    """
+    dev = resolve_device(device)
+    models = models or default_models(quick)
+    batch_sizes = batch_sizes or default_batch_sizes(dev, quick)
+    unknown = [m for m in models if m not in FLOPS_PER_FACE]
+    if unknown:
+        raise ValueError(f"unknown model {unknown[0]!r}; known: {', '.join(FLOPS_PER_FACE)}")
+    t = timing(dev, quick)
+    peak = matmul_peak(dev, t)
+    report = {
+        "device": device_name(dev),
+        "device_type": dev.type,
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "args": {
+            "device": device,
+            "models": models,
+            "batch_sizes": batch_sizes,
+            "quick": quick,
+        },
+        "note": RANDOM_WEIGHTS_NOTE,
+        "timing": asdict(t),
+        "matmul_peak": peak,
+        "model_rows": [row for m in models for row in bench_model(m, dev, batch_sizes, t, peak)],
+        # End-to-end figures (decode, detect, align, restore, blend, encode) go here: rows of
+        # the pipeline's frames/s, added by the pipeline benchmark.
+        "pipeline_rows": [],
+    }
+    if json_path is not None:
+        json_path = Path(json_path)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def format_report(report: dict) -> Table:
+    """The model rows of a report as a rich table, with the device and peak in its title."""
+    peak = report["matmul_peak"]
+    table = Table(
+        title=(
+            f"{report['device']} - torch {report['torch']} - "
+            f"matmul peak {peak['tflops']:.2f} TFLOP/s ({peak['dtype']})"
+        ),
+        caption=report["note"],
+    )
+    for column in ("model", "mode", "batch", "ms/batch", "faces/s", "vs baseline", "% of peak"):
+        table.add_column(column, justify="left" if column in ("model", "mode") else "right")
+    for row in report["model_rows"]:
+        table.add_row(
+            row["model"],
+            row["mode"],
+            str(row["batch"]),
+            f"{row['ms_per_batch']:.1f}",
+            f"{row['faces_per_s']:.2f}",
+            f"{row['speedup_vs_baseline']:.2f}x",
+            f"{100 * row['fraction_of_peak']:.1f}",
+        )
+    return table

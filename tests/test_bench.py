@@ -1,0 +1,77 @@
+"""The model benchmark: a quick CPU run writes a complete report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from rich.table import Table
+
+from streamgpen.bench import (
+    FLOPS_PER_FACE,
+    Timing,
+    format_report,
+    median_seconds,
+    run_bench,
+)
+
+REQUIRED = {
+    "device",
+    "torch",
+    "date",
+    "command",
+    "args",
+    "note",
+    "matmul_peak",
+    "model_rows",
+    "pipeline_rows",
+}
+ROW_FIELDS = {
+    "model",
+    "mode",
+    "precision",
+    "cuda_graphs",
+    "batch",
+    "ms_per_batch",
+    "faces_per_s",
+    "speedup_vs_baseline",
+    "tflops",
+    "fraction_of_peak",
+}
+
+
+def test_quick_cpu_bench_writes_a_complete_report(tmp_path):
+    path = tmp_path / "results" / "cpu.json"
+    report = run_bench("cpu", ["GPEN-BFR-256"], [1], quick=True, json_path=path)
+    saved = json.loads(path.read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert saved.keys() >= REQUIRED
+    assert saved["torch"] == torch.__version__
+    assert "random" in saved["note"]
+    assert saved["matmul_peak"]["tflops"] > 0
+    rows = saved["model_rows"]
+    # The baseline (eager fp32, batch 1) first, then bf16; fp32 at batch 1 is not measured twice.
+    assert [(r["mode"], r["batch"]) for r in rows] == [("eager-fp32", 1), ("eager-bf16", 1)]
+    assert rows[0]["speedup_vs_baseline"] == 1.0
+    for row in rows:
+        assert row.keys() >= ROW_FIELDS
+        assert row["model"] == "GPEN-BFR-256"
+        assert row["faces_per_s"] > 0 and row["speedup_vs_baseline"] > 0
+        assert row["fraction_of_peak"] > 0
+        expected = FLOPS_PER_FACE["GPEN-BFR-256"] * row["faces_per_s"] / 1e12
+        assert row["tflops"] == pytest.approx(expected)
+    table = format_report(report)
+    assert isinstance(table, Table) and table.row_count == len(rows)
+
+
+def test_unknown_model_is_refused():
+    with pytest.raises(ValueError, match="unknown model"):
+        run_bench("cpu", ["GPEN-BFR-128"], [1], quick=True, json_path=None)
+
+
+def test_median_seconds_counts_every_call():
+    calls = []
+    seconds = median_seconds(lambda: calls.append(1), torch.device("cpu"), Timing(2, 3, 4, 8))
+    assert len(calls) == 2 + 3 * 4
+    assert seconds >= 0
