@@ -8,6 +8,7 @@ without the seconds torch takes to import.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -106,6 +107,7 @@ def weights_verify(
 
 
 DEVICE_HELP = "cpu, cuda, cuda:N or auto (CUDA when available)."
+VIDEO = "Video and streams"
 
 
 @app.command()
@@ -181,6 +183,63 @@ def enhance(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")] = False,
     weights_dir: WeightsDirOption = None,
+    detect_every: Annotated[
+        int,
+        typer.Option(
+            help="Video: full-frame detection every N frames (and when a face is lost); "
+            "tracked in between.",
+            min=1,
+            rich_help_panel=VIDEO,
+        ),
+    ] = 5,
+    codec: Annotated[
+        str,
+        typer.Option(
+            help="libx264, libx265, ffv1, h264_nvenc or hevc_nvenc.", rich_help_panel=VIDEO
+        ),
+    ] = "libx264",
+    crf: Annotated[
+        int, typer.Option(help="Constant rate factor (x264/x265).", rich_help_panel=VIDEO)
+    ] = 18,
+    preset: Annotated[str, typer.Option(help="Encoder preset.", rich_help_panel=VIDEO)] = "medium",
+    pix_fmt: Annotated[
+        str | None,
+        typer.Option(
+            help="Output pixel format [default: the input's when the encoder supports it].",
+            rich_help_panel=VIDEO,
+            show_default=False,
+        ),
+    ] = None,
+    realtime: Annotated[
+        bool,
+        typer.Option(
+            "--realtime",
+            help="Pace a file at its frame rate, as a live source.",
+            rich_help_panel=VIDEO,
+        ),
+    ] = False,
+    reconnect: Annotated[
+        str,
+        typer.Option(
+            help="Live sources: reconnect attempts when the stream drops (N or forever).",
+            rich_help_panel=VIDEO,
+        ),
+    ] = "5",
+    rtsp_transport: Annotated[str, typer.Option(help="tcp or udp.", rich_help_panel=VIDEO)] = "tcp",
+    timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds to wait when opening or reading a stream.", min=0.1, rich_help_panel=VIDEO
+        ),
+    ] = 10.0,
+    input_size: Annotated[
+        str | None,
+        typer.Option(help="Webcam capture size, WxH.", rich_help_panel=VIDEO, show_default=False),
+    ] = None,
+    input_fps: Annotated[
+        float | None,
+        typer.Option(help="Webcam capture rate.", rich_help_panel=VIDEO, show_default=False),
+    ] = None,
 ) -> None:
     """Restore every face in photos, folders, videos, streams and webcams."""
     from streamgpen.enhancer import Enhancer
@@ -189,9 +248,7 @@ def enhance(
 
     path = Path(source)
     is_photo = path.is_dir() or is_image_path(path)
-    if not is_photo:
-        raise UserError(f"{source}: video input arrives with the video pipeline")
-    pairs = plan_outputs(path, output)
+    pairs = plan_outputs(path, output) if is_photo else None
     enhancer = Enhancer(
         model,
         model_path=model_path,
@@ -206,10 +263,84 @@ def enhance(
         clahe=clahe,
         only_center_face=only_center_face,
     )
+    if pairs is None:
+        from streamgpen.pipeline import VideoOptions
+        from streamgpen.videos import SinkOptions, SourceOptions, enhance_video
+
+        sources = SourceOptions(
+            realtime,
+            _parse_reconnect(reconnect),
+            rtsp_transport,
+            timeout,
+            _parse_size(input_size),
+            input_fps,
+        )
+        enhance_video(
+            source,
+            None if output is None else str(output),
+            enhancer,
+            detect_every=detect_every,
+            source_options=sources,
+            sink_options=SinkOptions(codec, crf, preset, pix_fmt),
+            video_options=VideoOptions(draw=draw),
+            faces_json=faces_json,
+            quiet=quiet,
+        )
+        return
     options = PhotoOptions(aligned, draw, save_faces, faces_json, quiet)
     summary = enhance_photos(enhancer, pairs, options)
     if summary.failed:
         raise typer.Exit(1)
+
+
+def _parse_reconnect(value: str) -> int:
+    if value == "forever":
+        return -1
+    try:
+        count = int(value)
+    except ValueError:
+        raise UserError(f"--reconnect takes a number or 'forever', not {value!r}") from None
+    if count < 0:
+        raise UserError("--reconnect must be >= 0 (or 'forever')")
+    return count
+
+
+def _parse_size(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        width, height = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--input-size takes WIDTHxHEIGHT, e.g. 1280x720, not {value!r}") from None
+    return width, height
+
+
+@app.command()
+def bench(
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="GPEN-BFR-256 and/or GPEN-BFR-512 (repeat the option).", show_default=False
+        ),
+    ] = None,
+    batch_size: Annotated[
+        list[int] | None,
+        typer.Option(help="Batch sizes to time (repeat the option).", show_default=False),
+    ] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="A short run: GPEN-BFR-256 only.")] = False,
+    json_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--json", help="Write the report as JSON here.", dir_okay=False, show_default=False
+        ),
+    ] = None,
+) -> None:
+    """Measure GPEN's speed on this machine (random weights: speed does not depend on them)."""
+    from streamgpen.bench import format_report, run_bench
+
+    report = run_bench(device, model or None, batch_size or None, quick, json_path)
+    Console().print(format_report(report))
 
 
 def main() -> None:
@@ -217,6 +348,9 @@ def main() -> None:
 
     Typer handles usage errors (exit 2) and Ctrl-C inside a command (exit 130) itself.
     """
+    # Library modules report recoverable trouble (a dropped stream, a transcoded track) through
+    # logging: one line each on stderr.
+    logging.basicConfig(level=logging.WARNING, format="streamgpen: %(message)s")
     try:
         app()
     except UserError as e:

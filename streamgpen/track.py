@@ -28,6 +28,10 @@ DEFAULT_MIN_CUTOFF = 1.0
 DEFAULT_BETA = 20.0
 
 
+# Faces closer to the frame border than this fraction of their size are treated as leaving.
+EDGE_MARGIN = 0.25
+
+
 @dataclass(frozen=True, eq=False)
 class TrackedFace:
     """A face of one frame.
@@ -156,6 +160,18 @@ class Tracker:
             np.concatenate([det_scores, kept_scores[found]]),
         )
 
+    def _crop_geometry(self, boxes: np.ndarray, size) -> tuple[int, np.ndarray]:
+        """The follow crops' size in pixels and their sides [K] in frame pixels.
+
+        Every crop is sampled at the pixel scale the full-frame detection uses: RetinaFace's
+        landmarks shift with the scale a face is seen at, and followed faces must land where a
+        full detection would put them. The crop covers ``crop_scale`` times the largest face.
+        """
+        det_scale = min(1.0, self.detector.det_size / max(size))
+        largest = self.crop_scale * float((boxes[:, 2:] - boxes[:, :2]).max()) * det_scale
+        crop_size = max(32, int(np.ceil(largest / 32)) * 32)
+        return crop_size, np.full(len(boxes), crop_size / det_scale)
+
     def _follow(
         self, image: torch.Tensor, points: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -172,8 +188,10 @@ class Tracker:
         if count == 0:
             return new_points, scores, found
         boxes = _boxes(points)
-        side = self.crop_scale * (boxes[:, 2:] - boxes[:, :2]).max(axis=1)
-        origin = (boxes[:, :2] + boxes[:, 2:]) / 2 - side[:, None] / 2
+        crop_size, side = self._crop_geometry(boxes, image.shape[-2:])
+        # Whole-pixel origins: at the full detection's scale the crop is then an exact copy of the
+        # frame's pixels rather than a bilinear (blurring) resample of them.
+        origin = np.floor((boxes[:, :2] + boxes[:, 2:]) / 2 - side[:, None] / 2)
         rois = np.concatenate([np.zeros((count, 1)), origin, origin + side[:, None]], axis=1)
         if not image.is_floating_point():
             image = image.float() / 255.0
@@ -183,12 +201,12 @@ class Tracker:
         crops = roi_align(
             image,
             torch.from_numpy(rois).to(image),
-            self.crop_size,
+            crop_size,
             spatial_scale=1.0,
             sampling_ratio=0,
             aligned=True,
         )
-        scale = (side / self.crop_size)[:, None, None]
+        scale = (side / crop_size)[:, None, None]
         expected = (points - origin[:, None]) / scale
         height, width = image.shape[-2:]
         for k, faces in enumerate(self._follower.detect(crops)):
@@ -309,9 +327,19 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _inside(points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Whether each face's box [N] lies wholly inside a frame of ``size`` (height, width)."""
+    """Whether each face's box [N] lies inside a frame of ``size`` (height, width), with margin.
+
+    A face within a quarter of its size of the border is leaving (or cut by the edge): the
+    follower's crop around it is partly outside the frame and loses it, which is no reason for
+    a full detection; the next scheduled one finds it again if it stays.
+    """
     boxes = _boxes(points)
-    return (boxes[:, :2] >= 0).all(axis=1) & (boxes[:, 2] <= size[1]) & (boxes[:, 3] <= size[0])
+    margin = EDGE_MARGIN * (boxes[:, 2:] - boxes[:, :2]).max(axis=1)
+    return (
+        (boxes[:, :2] >= margin[:, None]).all(axis=1)
+        & (boxes[:, 2] <= size[1] - margin)
+        & (boxes[:, 3] <= size[0] - margin)
+    )
 
 
 def _greedy_match(iou: np.ndarray, min_iou: float) -> np.ndarray:

@@ -1,0 +1,264 @@
+"""Video: decode -> detect/track -> crop -> restore -> paste back -> encode, on threads.
+
+Three threads joined by bounded queues: the decoder, the device worker (the caller's thread, so
+Ctrl-C lands there), and the encoder. A file source is processed frame by frame, every frame once,
+in order. A live source never waits for the worker: when the worker falls behind, the decoder drops
+the oldest waiting frame (counted) so latency stays bounded.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from streamgpen.enhancer import Enhancer
+from streamgpen.io.facelog import FaceLog
+from streamgpen.io.video import Frame, VideoSource
+from streamgpen.overlay import draw_faces
+from streamgpen.track import TrackedFace, Tracker
+
+_END = object()
+
+
+@dataclass
+class VideoOptions:
+    """How the worker batches and what it writes besides frames."""
+
+    frames_per_batch: int = 4
+    draw: bool = False
+    face_log: FaceLog | None = None
+
+
+@dataclass
+class VideoStats:
+    """Counters the progress display and the summary read (written by the pipeline's threads)."""
+
+    frames_in: int = 0
+    frames_out: int = 0
+    dropped: int = 0
+    faces: int = 0
+    full_detections: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    latencies: deque = field(default_factory=lambda: deque(maxlen=600))
+
+    @property
+    def fps(self) -> float:
+        elapsed = time.perf_counter() - self.started
+        return self.frames_out / elapsed if elapsed > 0 else 0.0
+
+    def latency_ms(self, q: float) -> float | None:
+        if not self.latencies:
+            return None
+        return float(np.quantile(np.asarray(self.latencies), q) * 1000)
+
+
+@dataclass
+class _Work:
+    frame: Frame
+    arrived: float
+
+
+class FrameQueue:
+    """A bounded queue between the decoder and the worker.
+
+    For a file the decoder blocks when it is full (every frame is processed); for a live source it
+    drops the oldest frame instead, so the capture never stalls and stale frames are not enhanced.
+    """
+
+    def __init__(self, maxsize: int, live: bool, stats: VideoStats):
+        self._queue: queue.Queue = queue.Queue(maxsize)
+        self._live = live
+        self._stats = stats
+
+    def put(self, item, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                if self._live and item is not _END:
+                    self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        try:
+            self._queue.get_nowait()
+            self._stats.dropped += 1
+        except queue.Empty:
+            pass
+
+    def get(self, timeout: float | None = None):
+        return self._queue.get(timeout=timeout)
+
+    def get_nowait(self):
+        return self._queue.get_nowait()
+
+
+class VideoPipeline:
+    """Enhances a video source into a sink; ``run()`` returns the stats, or raises on Ctrl-C."""
+
+    def __init__(
+        self,
+        source: VideoSource,
+        sink,
+        enhancer: Enhancer,
+        tracker: Tracker,
+        options: VideoOptions,
+        on_frame: Callable[[VideoStats], None] | None = None,
+    ):
+        self.source = source
+        self.sink = sink
+        self.enhancer = enhancer
+        self.tracker = tracker
+        self.options = options
+        self.on_frame = on_frame
+        self.stats = VideoStats()
+        self.stop = threading.Event()
+        self._inbox = FrameQueue(8 if source.is_live else 16, source.is_live, self.stats)
+        self._outbox: queue.Queue = queue.Queue(16)
+        self._errors: list[BaseException] = []
+
+    def run(self) -> VideoStats:
+        """Process until the source ends (or Ctrl-C, which stops cleanly and re-raises)."""
+        decoder = threading.Thread(target=self._decode, name="decode", daemon=True)
+        encoder = threading.Thread(target=self._encode, name="encode", daemon=True)
+        decoder.start()
+        encoder.start()
+        try:
+            self._work()
+        finally:
+            self.stop.set()
+            self._outbox.put(_END)
+            encoder.join()
+            decoder.join(timeout=5)
+        if self._errors:
+            raise self._errors[0]
+        return self.stats
+
+    # --- threads ---------------------------------------------------------------------------
+
+    def _decode(self) -> None:
+        try:
+            for frame in self.source:
+                if self.stop.is_set():
+                    break
+                self.stats.frames_in += 1
+                self._inbox.put(_Work(frame, time.perf_counter()), self.stop)
+        except BaseException as e:  # surfaced by run() in the main thread
+            self._errors.append(e)
+        finally:
+            self._inbox.put(_END, self.stop)
+
+    def _encode(self) -> None:
+        try:
+            while True:
+                item = self._outbox.get()
+                if item is _END:
+                    return
+                work, image = item
+                self.sink.write(work.frame, image)
+                self.stats.frames_out += 1
+                self.stats.latencies.append(time.perf_counter() - work.arrived)
+                if self.on_frame:
+                    self.on_frame(self.stats)
+        except BaseException as e:
+            self._errors.append(e)
+            self.stop.set()
+
+    def _work(self) -> None:
+        for chunk in self._chunks():
+            images = self._enhance(chunk)
+            for work, image in zip(chunk, images, strict=True):
+                self._outbox.put((work, image))
+            if self._errors:
+                return
+
+    def _chunks(self) -> Iterator[list[_Work]]:
+        """Frames grouped for one batched restore: as many as are waiting, up to the limit."""
+        while not self.stop.is_set():
+            try:
+                first = self._inbox.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if first is _END:
+                return
+            chunk = [first]
+            ended = False
+            while len(chunk) < self.options.frames_per_batch:
+                try:
+                    item = self._inbox.get(timeout=None if not self.source.is_live else 0)
+                except queue.Empty:
+                    break
+                if item is _END:
+                    ended = True
+                    break
+                chunk.append(item)
+            yield chunk
+            if ended:
+                return
+
+    # --- the device work ---------------------------------------------------------------------
+
+    def _enhance(self, chunk: list[_Work]) -> list[np.ndarray]:
+        """Track, align, restore and paste the faces of a chunk of frames."""
+        enhancer = self.enhancer
+        frames = torch.stack([self._upload(w.frame.image) for w in chunk])  # [B, 3, H, W]
+        tracked: list[list[TrackedFace]] = []
+        for work, frame in zip(chunk, frames, strict=True):
+            faces = self.tracker.update(frame, self._seconds(work.frame))
+            tracked.append(faces)
+            self._log(work.frame, faces)
+        batch = enhancer.align(frames, [[t.face for t in faces] for faces in tracked])
+        enhancer.restore(batch)
+        out = enhancer.paste(frames, batch)
+        self.stats.faces += len(batch.faces)
+        self.stats.full_detections = self.tracker.full_detections
+        images = self._download(out)
+        if self.options.draw:
+            images = [_draw(image, faces) for image, faces in zip(images, tracked, strict=True)]
+        return images
+
+    def _seconds(self, frame: Frame) -> float:
+        # The tracker's smoothing needs a clock; frames without a timestamp use their index.
+        if frame.time is not None:
+            return frame.time
+        return frame.index / float(self.source.fps or 25)
+
+    def _upload(self, rgb: np.ndarray) -> torch.Tensor:
+        # HxWx3 uint8 RGB -> [3, H, W] float in [0, 1] on the device
+        t = torch.from_numpy(rgb).pin_memory() if self.enhancer.device.type == "cuda" else None
+        t = (t if t is not None else torch.from_numpy(rgb)).to(
+            self.enhancer.device, non_blocking=True
+        )
+        return t.permute(2, 0, 1).float().div_(255)
+
+    @staticmethod
+    def _download(frames: torch.Tensor) -> list[np.ndarray]:
+        # [B, 3, H, W] float in [0, 1] -> B x HxWx3 uint8 RGB
+        out = frames.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        return list(out.numpy())
+
+    def _log(self, frame: Frame, faces: list[TrackedFace]) -> None:
+        log = self.options.face_log
+        if log is None:
+            return
+        for t in faces:
+            log.write(
+                t.face,
+                frame=frame.index,
+                pts=frame.pts,
+                track=t.track_id,
+                detector_run=t.detector_run,
+            )
+
+
+def _draw(rgb: np.ndarray, faces: list[TrackedFace]) -> np.ndarray:
+    labels = [f"#{t.track_id} {t.face.score:.2f}" for t in faces]
+    bgr = draw_faces(rgb[..., ::-1], [t.face for t in faces], labels)
+    return np.ascontiguousarray(bgr[..., ::-1])
