@@ -240,6 +240,23 @@ def enhance(
         float | None,
         typer.Option(help="Webcam capture rate.", rich_help_panel=VIDEO, show_default=False),
     ] = None,
+    preview: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve a live side-by-side page at [HOST:]PORT (host 127.0.0.1 unless given; "
+            "8765 is the customary port). Beyond loopback the page needs a token.",
+            rich_help_panel=VIDEO,
+            show_default=False,
+        ),
+    ] = None,
+    preview_token: Annotated[
+        str | None,
+        typer.Option(
+            help="The preview's access token [default: generated when not on loopback].",
+            rich_help_panel=VIDEO,
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Restore every face in photos, folders, videos, streams and webcams."""
     from streamgpen.enhancer import Enhancer
@@ -265,7 +282,16 @@ def enhance(
     )
     if pairs is None:
         from streamgpen.pipeline import VideoOptions
+        from streamgpen.preview import PreviewServer, parse_bind
         from streamgpen.videos import SinkOptions, SourceOptions, enhance_video
+
+        server = None
+        if preview is not None:
+            try:
+                host, port = parse_bind(preview)
+                server = PreviewServer(host, port, token=preview_token)
+            except ValueError as e:
+                raise UserError(f"--preview {preview}: {e}") from None
 
         sources = SourceOptions(
             realtime,
@@ -282,9 +308,10 @@ def enhance(
             detect_every=detect_every,
             source_options=sources,
             sink_options=SinkOptions(codec, crf, preset, pix_fmt),
-            video_options=VideoOptions(draw=draw),
+            video_options=VideoOptions(draw=draw, model_name=str(model_path or model)),
             faces_json=faces_json,
             quiet=quiet,
+            preview=server,
         )
         return
     options = PhotoOptions(aligned, draw, save_faces, faces_json, quiet)

@@ -127,6 +127,15 @@ class Enhancer:
         self.clahe = clahe
         self.only_center_face = only_center_face
 
+    def warmup(self, height: int = 720, width: int = 1280) -> None:
+        """Run every stage once at start-up (CUDA graph capture, cuDNN autotuning), so the first
+        frame is not slower than the others."""
+        self.restorer.warmup()
+        frame = torch.zeros(1, 3, height, width, device=self.device)
+        self.detect(frame)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     # --- numpy in, numpy out: photos and the Python API -------------------------------------
 
     def enhance(self, bgr: np.ndarray) -> EnhanceResult:

@@ -13,6 +13,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,9 +23,11 @@ from streamgpen.enhancer import Enhancer
 from streamgpen.io.facelog import FaceLog
 from streamgpen.io.video import Frame, VideoSource
 from streamgpen.overlay import draw_faces
+from streamgpen.preview import PreviewServer
 from streamgpen.track import TrackedFace, Tracker
 
 _END = object()
+LIVE_DEPTH = 2
 
 
 @dataclass
@@ -34,11 +37,21 @@ class VideoOptions:
     frames_per_batch: int = 4
     draw: bool = False
     face_log: FaceLog | None = None
+    sync_stages: bool = False
+    preview: PreviewServer | None = None
+    model_name: str = ""
+
+
+STAGES = ("decode", "detect_track", "restore", "blend", "encode")
 
 
 @dataclass
 class VideoStats:
-    """Counters the progress display and the summary read (written by the pipeline's threads)."""
+    """Counters the progress display and the summary read (written by the pipeline's threads).
+
+    ``stage_seconds`` adds up the wall time each stage took; with ``VideoOptions.sync_stages``
+    the device is synchronised at stage boundaries so that the figures are the device's too.
+    """
 
     frames_in: int = 0
     frames_out: int = 0
@@ -47,11 +60,17 @@ class VideoStats:
     full_detections: int = 0
     started: float = field(default_factory=time.perf_counter)
     latencies: deque = field(default_factory=lambda: deque(maxlen=600))
+    stage_seconds: dict = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
 
     @property
     def fps(self) -> float:
         elapsed = time.perf_counter() - self.started
         return self.frames_out / elapsed if elapsed > 0 else 0.0
+
+    @property
+    def fps_in(self) -> float:
+        elapsed = time.perf_counter() - self.started
+        return self.frames_in / elapsed if elapsed > 0 else 0.0
 
     def latency_ms(self, q: float) -> float | None:
         if not self.latencies:
@@ -120,9 +139,14 @@ class VideoPipeline:
         self.on_frame = on_frame
         self.stats = VideoStats()
         self.stop = threading.Event()
-        self._inbox = FrameQueue(8 if source.is_live else 16, source.is_live, self.stats)
+        # Live latency grows with every frame waiting and with every frame batched together: a
+        # live source keeps at most LIVE_DEPTH frames (faces within a frame still batch).
+        depth = LIVE_DEPTH if source.is_live else 16
+        self._chunk = min(options.frames_per_batch, depth)
+        self._inbox = FrameQueue(depth, source.is_live, self.stats)
         self._outbox: queue.Queue = queue.Queue(16)
         self._errors: list[BaseException] = []
+        self._reconnects = 0
 
     def run(self) -> VideoStats:
         """Process until the source ends (or Ctrl-C, which stops cleanly and re-raises)."""
@@ -145,8 +169,11 @@ class VideoPipeline:
 
     def _decode(self) -> None:
         try:
-            for frame in self.source:
-                if self.stop.is_set():
+            frames = iter(self.source)
+            while True:
+                with self._timed("decode"):
+                    frame = next(frames, None)
+                if frame is None or self.stop.is_set():
                     break
                 self.stats.frames_in += 1
                 self._inbox.put(_Work(frame, time.perf_counter()), self.stop)
@@ -161,10 +188,13 @@ class VideoPipeline:
                 item = self._outbox.get()
                 if item is _END:
                     return
-                work, image = item
-                self.sink.write(work.frame, image)
+                work, image, faces = item
+                with self._timed("encode"):
+                    self.sink.write(work.frame, image)
                 self.stats.frames_out += 1
                 self.stats.latencies.append(time.perf_counter() - work.arrived)
+                if self.options.preview:
+                    self._publish(work.frame.image, image, faces)
                 if self.on_frame:
                     self.on_frame(self.stats)
         except BaseException as e:
@@ -173,9 +203,9 @@ class VideoPipeline:
 
     def _work(self) -> None:
         for chunk in self._chunks():
-            images = self._enhance(chunk)
-            for work, image in zip(chunk, images, strict=True):
-                self._outbox.put((work, image))
+            images, faces = self._enhance(chunk)
+            for item in zip(chunk, images, faces, strict=True):
+                self._outbox.put(item)
             if self._errors:
                 return
 
@@ -190,7 +220,7 @@ class VideoPipeline:
                 return
             chunk = [first]
             ended = False
-            while len(chunk) < self.options.frames_per_batch:
+            while len(chunk) < self._chunk:
                 try:
                     item = self._inbox.get(timeout=None if not self.source.is_live else 0)
                 except queue.Empty:
@@ -205,24 +235,51 @@ class VideoPipeline:
 
     # --- the device work ---------------------------------------------------------------------
 
-    def _enhance(self, chunk: list[_Work]) -> list[np.ndarray]:
-        """Track, align, restore and paste the faces of a chunk of frames."""
+    def _enhance(self, chunk: list[_Work]) -> tuple[list[np.ndarray], list[int]]:
+        """Track, align, restore and paste the faces of a chunk of frames.
+
+        Returns the output images and each frame's face count.
+        """
         enhancer = self.enhancer
-        frames = torch.stack([self._upload(w.frame.image) for w in chunk])  # [B, 3, H, W]
-        tracked: list[list[TrackedFace]] = []
-        for work, frame in zip(chunk, frames, strict=True):
-            faces = self.tracker.update(frame, self._seconds(work.frame))
-            tracked.append(faces)
-            self._log(work.frame, faces)
-        batch = enhancer.align(frames, [[t.face for t in faces] for faces in tracked])
-        enhancer.restore(batch)
-        out = enhancer.paste(frames, batch)
-        self.stats.faces += len(batch.faces)
+        controls = self.options.preview.controls if self.options.preview else None
+        enhance = controls is None or controls.enhance
+        if controls is not None:
+            enhancer.blend = controls.blend
+        if self.source.reconnects != self._reconnects:
+            # A new connection may show another scene: old tracks would be followed into it.
+            self._reconnects = self.source.reconnects
+            self.tracker.reset()
+        with self._timed("detect_track"):
+            frames = torch.stack([self._upload(w.frame.image) for w in chunk])  # [B, 3, H, W]
+            tracked: list[list[TrackedFace]] = []
+            for work, frame in zip(chunk, frames, strict=True):
+                faces = self.tracker.update(frame, self._seconds(work.frame))
+                tracked.append(faces)
+                self._log(work.frame, faces)
+        if enhance:
+            with self._timed("restore"):
+                batch = enhancer.align(frames, [[t.face for t in faces] for faces in tracked])
+                enhancer.restore(batch)
+        with self._timed("blend"):
+            if enhance:
+                frames = enhancer.paste(frames, batch)
+            images = self._download(frames)
+        counts = [len(faces) for faces in tracked]
+        self.stats.faces += sum(counts)
         self.stats.full_detections = self.tracker.full_detections
-        images = self._download(out)
-        if self.options.draw:
+        if self.options.draw or (controls is not None and controls.overlay):
             images = [_draw(image, faces) for image, faces in zip(images, tracked, strict=True)]
-        return images
+        return images, counts
+
+    @contextmanager
+    def _timed(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.options.sync_stages and self.enhancer.device.type == "cuda":
+                torch.cuda.synchronize(self.enhancer.device)
+            self.stats.stage_seconds[stage] += time.perf_counter() - start
 
     def _seconds(self, frame: Frame) -> float:
         # The tracker's smoothing needs a clock; frames without a timestamp use their index.
@@ -243,6 +300,23 @@ class VideoPipeline:
         # [B, 3, H, W] float in [0, 1] -> B x HxWx3 uint8 RGB
         out = frames.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
         return list(out.numpy())
+
+    def _publish(self, original: np.ndarray, enhanced: np.ndarray, faces: int) -> None:
+        stats = self.stats
+        self.options.preview.publish(
+            original,
+            enhanced,
+            {
+                "fps_in": round(stats.fps_in, 2),
+                "fps_out": round(stats.fps, 2),
+                "latency_ms_p50": stats.latency_ms(0.5),
+                "latency_ms_p95": stats.latency_ms(0.95),
+                "faces": faces,
+                "dropped": stats.dropped,
+                "model": self.options.model_name,
+                "device": str(self.enhancer.device),
+            },
+        )
 
     def _log(self, frame: Frame, faces: list[TrackedFace]) -> None:
         log = self.options.face_log

@@ -16,6 +16,7 @@ from streamgpen.io.facelog import FaceLog
 from streamgpen.io.sinks import open_sink
 from streamgpen.io.video import VideoSource, open_source
 from streamgpen.pipeline import VideoOptions, VideoPipeline, VideoStats
+from streamgpen.preview import PreviewServer
 from streamgpen.track import Tracker
 
 LIVE_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "srt://")
@@ -69,6 +70,7 @@ def enhance_video(
     video_options: VideoOptions | None = None,
     faces_json: Path | None = None,
     quiet: bool = False,
+    preview: PreviewServer | None = None,
 ) -> VideoStats:
     """Enhance every frame of ``spec`` into ``output``; Ctrl-C/SIGTERM keep what was done.
 
@@ -87,6 +89,8 @@ def enhance_video(
         reconnect=so.reconnect,
     )
     console = Console(stderr=True)
+    if output is None and preview is not None:
+        output = "null"  # watching is the point; nothing is written unless asked
     try:
         sink = open_sink(
             output or default_output(spec),
@@ -99,7 +103,12 @@ def enhance_video(
     except BaseException:
         source.close()
         raise
+    if preview is not None:
+        options.preview = preview.start()
+        console.print(f"preview: {preview.url}", markup=False, soft_wrap=True)
     options.face_log = FaceLog(faces_json) if faces_json else None
+    if enhancer.device.type == "cuda":
+        enhancer.warmup(source.height, source.width)
     tracker = Tracker(enhancer.detector, detect_every=detect_every)
     progress = _progress(console, source, disable=quiet)
     pipeline = VideoPipeline(source, sink, enhancer, tracker, options)
@@ -111,6 +120,8 @@ def enhance_video(
         with _sigterm_as_interrupt(), progress:
             stats = pipeline.run()
     finally:
+        if preview is not None:
+            preview.stop()
         sink.close()
         source.close()
         if options.face_log:
