@@ -81,6 +81,13 @@ def default_models(quick: bool) -> list[str]:
     return ["GPEN-BFR-256"] if quick else ["GPEN-BFR-256", "GPEN-BFR-512"]
 
 
+def default_pipeline_frames(device: torch.device, quick: bool) -> int:
+    """Frames of the end-to-end clip: enough for steady state on a GPU, a glimpse on a CPU."""
+    if device.type == "cuda":
+        return 120 if quick else 600
+    return 4 if quick else 16
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -182,12 +189,17 @@ def run_bench(
     batch_sizes: list[int] | None = None,
     quick: bool = False,
     json_path: Path | None = None,
+    pipeline_frames: int | None = None,
+    detector: str = "retinaface_mobile0.25",
+    weights_dir: Path | None = None,
 ) -> dict:
-    """Benchmark the GPEN network alone on ``device`` and return (and optionally save) a report.
+    """Benchmark GPEN on ``device`` and return (and optionally save) a report.
 
-    Baseline: eager fp32 at batch 1. On CUDA: eager fp16 and fp16 with CUDA graphs at each batch
-    size; on CPU: eager fp32 and eager bf16 at each batch size. ``models`` and ``batch_sizes``
-    default to :func:`default_models` and :func:`default_batch_sizes`.
+    Model only: baseline eager fp32 at batch 1; on CUDA eager fp16 and fp16 with CUDA graphs
+    at each batch size, on CPU eager fp32 and eager bf16. ``models`` and ``batch_sizes``
+    default to :func:`default_models` and :func:`default_batch_sizes`. End to end (unless
+    ``pipeline_frames`` is 0): a generated 1080p clip through the whole pipeline, see
+    :mod:`streamgpen.bench_pipeline`; it needs the ``detector``'s weights.
     """
     dev = resolve_device(device)
     models = models or default_models(quick)
@@ -213,10 +225,15 @@ def run_bench(
         "timing": asdict(t),
         "matmul_peak": peak,
         "model_rows": [row for m in models for row in bench_model(m, dev, batch_sizes, t, peak)],
-        # End-to-end figures (decode, detect, align, restore, blend, encode) go here: rows of
-        # the pipeline's frames/s, added by the pipeline benchmark.
         "pipeline_rows": [],
     }
+    if pipeline_frames != 0:
+        from streamgpen.bench_pipeline import bench_pipeline
+
+        model = "GPEN-BFR-256" if quick else "GPEN-BFR-512"
+        frames = pipeline_frames or default_pipeline_frames(dev, quick)
+        report["args"] |= {"pipeline_frames": frames, "detector": detector}
+        report["pipeline_rows"] = bench_pipeline(dev, model, frames, detector, weights_dir)
     if json_path is not None:
         json_path = Path(json_path)
         json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -247,3 +264,30 @@ def format_report(report: dict) -> Table:
             f"{100 * row['fraction_of_peak']:.1f}",
         )
     return table
+
+
+def format_pipeline(report: dict) -> Table | None:
+    """The end-to-end rows of a report as a rich table (None when there are none)."""
+    rows = report.get("pipeline_rows") or []
+    if not rows:
+        return None
+    table = Table(title="end to end: 1080p clip, 4 moving faces, output null", title_justify="left")
+    for column in ("model", "mode", "frames", "fps", "faces/frame", *STAGE_COLUMNS, "idle",
+                   "p50 ms", "p95 ms", "dropped"):  # fmt: skip
+        table.add_column(column, justify="right")
+    for row in rows:
+        stages = row["stage_ms_per_frame"]
+        table.add_row(
+            row["model"], row["mode"], str(row["frames"]), f"{row['fps']:.1f}",
+            f"{row['faces_per_frame']:.1f}", *(f"{stages[s]:.1f}" for s in STAGE_COLUMNS),
+            f"{row['worker_idle_fraction']:.0%}", _opt(row.get("latency_ms_p50")),
+            _opt(row.get("latency_ms_p95")), _opt(row.get("dropped")),
+        )  # fmt: skip
+    return table
+
+
+STAGE_COLUMNS = ("decode", "detect_track", "restore", "blend", "encode")
+
+
+def _opt(value) -> str:
+    return "" if value is None else str(value)

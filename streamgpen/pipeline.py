@@ -63,14 +63,16 @@ class VideoStats:
     stage_seconds: dict = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
 
     @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    @property
     def fps(self) -> float:
-        elapsed = time.perf_counter() - self.started
-        return self.frames_out / elapsed if elapsed > 0 else 0.0
+        return self.frames_out / self.elapsed if self.elapsed > 0 else 0.0
 
     @property
     def fps_in(self) -> float:
-        elapsed = time.perf_counter() - self.started
-        return self.frames_in / elapsed if elapsed > 0 else 0.0
+        return self.frames_in / self.elapsed if self.elapsed > 0 else 0.0
 
     def latency_ms(self, q: float) -> float | None:
         if not self.latencies:

@@ -43,7 +43,7 @@ ROW_FIELDS = {
 
 def test_quick_cpu_bench_writes_a_complete_report(tmp_path):
     path = tmp_path / "results" / "cpu.json"
-    report = run_bench("cpu", ["GPEN-BFR-256"], [1], quick=True, json_path=path)
+    report = run_bench("cpu", ["GPEN-BFR-256"], [1], quick=True, json_path=path, pipeline_frames=0)
     saved = json.loads(path.read_text())
     assert saved == json.loads(json.dumps(report))
     assert saved.keys() >= REQUIRED
@@ -67,7 +67,7 @@ def test_quick_cpu_bench_writes_a_complete_report(tmp_path):
 
 def test_unknown_model_is_refused():
     with pytest.raises(ValueError, match="unknown model"):
-        run_bench("cpu", ["GPEN-BFR-128"], [1], quick=True, json_path=None)
+        run_bench("cpu", ["GPEN-BFR-128"], [1], quick=True, json_path=None, pipeline_frames=0)
 
 
 def test_median_seconds_counts_every_call():
@@ -75,3 +75,20 @@ def test_median_seconds_counts_every_call():
     seconds = median_seconds(lambda: calls.append(1), torch.device("cpu"), Timing(2, 3, 4, 8))
     assert len(calls) == 2 + 3 * 4
     assert seconds >= 0
+
+
+def test_end_to_end_benchmark_runs_the_real_pipeline(shared_dir, tmp_path):
+    weights_dir = tmp_path / "weights"
+    weights_dir.mkdir()
+    name = "detection_mobilenet0.25_Final.pth"
+    (weights_dir / name).write_bytes((shared_dir / "weights" / name).read_bytes())
+    from streamgpen.bench_pipeline import bench_pipeline
+
+    rows = bench_pipeline(torch.device("cpu"), "GPEN-BFR-256", 2, weights_dir=weights_dir)
+    assert [row["mode"] for row in rows] == ["file", "live"]
+    file_run, live_run = rows
+    assert file_run["frames"] == 2 and file_run["faces_per_frame"] == 4
+    assert file_run["fps"] > 0
+    assert file_run["stage_ms_per_frame"]["restore"] > 0
+    assert 0 <= file_run["worker_idle_fraction"] <= 1
+    assert live_run["latency_ms_p95"] >= live_run["latency_ms_p50"] > 0
