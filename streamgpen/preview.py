@@ -327,7 +327,8 @@ class PreviewServer:
                 or image.shape[2] != 3
                 or image.dtype != np.uint8
             ):
-                raise ValueError(f"expected an HxWx3 uint8 image, got {image.shape} {image.dtype}")
+                shape, dtype = getattr(image, "shape", "?"), getattr(image, "dtype", type(image))
+                raise ValueError(f"expected an HxWx3 uint8 image, got {shape} {dtype}")
         self._frames.publish(original_rgb, enhanced_rgb, stats)
 
     def stats(self) -> dict[str, Any]:

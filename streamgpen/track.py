@@ -30,6 +30,8 @@ DEFAULT_BETA = 20.0
 
 # Faces closer to the frame border than this fraction of their size are treated as leaving.
 EDGE_MARGIN = 0.25
+# The smallest face, in pixels, that the follower's crops show: smaller faces are enlarged to it.
+MIN_FOLLOW_FACE = 40
 
 
 @dataclass(frozen=True, eq=False)
@@ -167,8 +169,11 @@ class Tracker:
         landmarks shift with the scale a face is seen at, and followed faces must land where a
         full detection would put them. The crop covers ``crop_scale`` times the largest face.
         """
+        sides = (boxes[:, 2:] - boxes[:, :2]).max(axis=1)
         det_scale = min(1.0, self.detector.det_size / max(size))
-        largest = self.crop_scale * float((boxes[:, 2:] - boxes[:, :2]).max()) * det_scale
+        # Tiny faces are found far more reliably a little enlarged.
+        det_scale = max(det_scale, MIN_FOLLOW_FACE / max(float(sides.min()), 1.0))
+        largest = self.crop_scale * float(sides.max()) * det_scale
         crop_size = max(32, int(np.ceil(largest / 32)) * 32)
         return crop_size, np.full(len(boxes), crop_size / det_scale)
 

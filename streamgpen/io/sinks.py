@@ -8,6 +8,7 @@ reads the source file alongside the pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -106,7 +107,16 @@ def open_sink(
         return NullSink()
     if spec.startswith(("rtsp://", "rtsps://")):
         encoder = _VideoEncoder(codec, crf, preset, pix_fmt, source, live=True)
-        return EncodedSink(spec, "rtsp", encoder, source, copy_tracks=False)
+        # Interleaved TCP: over UDP (the muxer's default) a burst of large frames, as when a file
+        # is published faster than real time, loses packets and the server records nothing.
+        return EncodedSink(
+            spec,
+            "rtsp",
+            encoder,
+            source,
+            copy_tracks=False,
+            container_options={"rtsp_transport": "tcp"},
+        )
     if spec.endswith(("/", os.sep)) or os.path.isdir(spec):
         return ImageDirSink(spec)
     ext = os.path.splitext(spec)[1].lower()
@@ -220,7 +230,9 @@ class EncodedSink(Sink):
             self._container = av.open(url, "w", format=fmt, options=container_options or {})
         except (av.error.FFmpegError, OSError) as exc:
             raise UserError(f"cannot open output {url}: {exc}") from exc
-        if encoder.codec.canonical_name not in self._container.supported_codecs:
+        # The rtsp muxer names only its defaults (AAC, MPEG-4) as supported although RTP carries
+        # H.264/HEVC and more; a codec it cannot send fails when the stream starts instead.
+        if fmt != "rtsp" and encoder.codec.canonical_name not in self._container.supported_codecs:
             self._container.close()
             raise UserError(f"{encoder.codec.name} video cannot be stored in {fmt} output {url}")
         self._copy_tracks = copy_tracks
@@ -230,6 +242,7 @@ class EncodedSink(Sink):
         self._last_pts: int | None = None
         self._end_pts = 0
         self._step = source.frame_duration
+        self._finished = False
 
     def write(self, frame: Frame, image: np.ndarray) -> None:
         if self._video is None:
@@ -289,11 +302,18 @@ class EncodedSink(Sink):
         return pts
 
     def _mux(self, packets: list[av.Packet]) -> None:
-        for packet in packets:
-            self._container.mux(packet)
+        try:
+            for packet in packets:
+                self._container.mux(packet)
+        except (av.error.FFmpegError, OSError) as exc:
+            # The first packet writes the header: an unreachable RTSP server shows up here.
+            raise UserError(f"cannot write to {self.url}: {exc}") from exc
 
     def _finish(self) -> None:
-        """Flush the encoder, copy the remaining audio, and write the trailer."""
+        """Flush the encoder, copy the remaining audio, and write the trailer (once)."""
+        if self._finished:
+            return
+        self._finished = True
         try:
             if self._video is not None:
                 self._mux(self._video.encode(None))
@@ -343,9 +363,14 @@ class AtomicFileSink(EncodedSink):
         self._finish_and_place()
 
     def _finish_and_place(self) -> None:
+        if self._finished:
+            return  # closed already: a second close() must not fail
         if not self.frames_written:
+            self._finished = True
             self._container.close()
-            os.unlink(self.temp_path)
+            # The muxer creates the file only when it writes the header, at the first frame.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.temp_path)
             log.warning("no frames were written; %s not created", self.path)
             return
         self._finish()

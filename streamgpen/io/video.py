@@ -285,10 +285,15 @@ class VideoSource:
             for raw in self._raw_frames(self._container):
                 pts = _rescale(raw.pts, raw.time_base, self.time_base)
                 duration = _rescale(raw.duration, raw.time_base, self.time_base) or None
-                if rebase and pts is not None:
-                    offset, rebase = next_pts - pts, False
-                if pts is not None:
+                if pts is None:
+                    # A live stream's first frame after a (re)connect can lack a timestamp:
+                    # put it where the next frame is due, so pts stay monotonic.
+                    pts = next_pts
+                else:
+                    if rebase:
+                        offset, rebase = next_pts - pts, False
                     pts += offset
+                if pts is not None:
                     next_pts = pts + (duration or self.frame_duration)
                 yield self._to_frame(raw, pts, duration)
             self._container.close()
@@ -353,7 +358,8 @@ class VideoSource:
     def _check_complete(self) -> None:
         if self._target.kind != "file" or self.frame_count is None:
             return
-        if self._decoded + 1 < self.frame_count:
+        # Corrupt packets that were skipped are missing frames too, but not a truncation.
+        if self._decoded + self.skipped_packets + 1 < self.frame_count:
             self.truncated = True
             log.warning(
                 "%s ended early: about %d of %d frames (file truncated?)",

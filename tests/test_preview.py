@@ -1,0 +1,668 @@
+"""The live preview server, for real: HTTP API, MJPEG streams, a stalled viewer, tokens, and the
+page in a headless Chromium.
+
+Every test runs a ``PreviewServer`` on port 0 fed by a thread that publishes synthetic frames
+(a moving gradient with noise and a counter; the "enhanced" frame is a recoloured view of it) at
+about 25 fps. All traffic stays on 127.0.0.1, also for the server bound to 0.0.0.0. Every loop
+is bounded by a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import itertools
+import json
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from browser import APT_PACKAGES, BrowserError, HeadlessChromium, find_chromium
+
+from streamgpen.preview import (
+    MAX_BODY_BYTES,
+    STATS_KEYS,
+    Controls,
+    PreviewServer,
+    is_loopback,
+    parse_bind,
+)
+
+FPS = 25.0
+WIDTH, HEIGHT = 320, 240
+STATS = {
+    "fps_in": 25.0,
+    "fps_out": 24.5,
+    "latency_ms_p50": 12.3,
+    "latency_ms_p95": 20.7,
+    "faces": 2,
+    "dropped": 3,
+    "model": "GPEN-test-512",
+    "device": "cpu",
+}
+TIMEOUT_S = 10.0
+# Set to a folder to keep the browser test's screenshots.
+SCREENSHOT_DIR = os.environ.get("STREAMGPEN_PREVIEW_SCREENSHOTS")
+
+
+# --- feeding the server ------------------------------------------------------------------------
+
+
+_NOISE = np.random.default_rng(0).integers(0, 64, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+_X = np.arange(WIDTH, dtype=np.float32)[None, :]
+_Y = np.arange(HEIGHT, dtype=np.float32)[:, None]
+
+
+def make_frames(index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frame ``index``: a gradient moving right, noise (so JPEGs are not tiny) and a counter.
+
+    The enhanced frame is the inverted original with its channels reversed: a non-contiguous
+    view, as a pipeline may publish.
+    """
+    rgb = np.empty((HEIGHT, WIDTH, 3), np.uint8)
+    rgb[..., 0] = ((_X * 255 / WIDTH + 12 * index) % 256).astype(np.uint8)
+    rgb[..., 1] = (_Y * 255 / HEIGHT).astype(np.uint8)
+    rgb[..., 2] = 128
+    rgb = rgb // 4 * 3 + _NOISE
+    cv2.putText(rgb, f"{index:05d}", (20, 140), cv2.FONT_HERSHEY_SIMPLEX, 2.5, (255, 255, 255), 5)
+    enhanced = (255 - rgb)[:, :, ::-1]
+    return rgb, enhanced
+
+
+class Publisher:
+    """Publishes frames at about ``fps`` on a thread until stopped (at most ``max_s``).
+
+    Pacing is relative to the previous publish, with no catching up, so any time ``publish()``
+    spends blocked shows as a lower achieved rate.
+    """
+
+    def __init__(self, server: PreviewServer, fps: float = FPS, max_s: float = 45.0):
+        self.server = server
+        self.period = 1.0 / fps
+        self.max_s = max_s
+        self.times: list[float] = []
+        self.extra_stats: dict = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="test-publisher", daemon=True)
+
+    def __enter__(self) -> Publisher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=TIMEOUT_S)
+        assert not self._thread.is_alive(), "publish() is stuck"
+
+    def _run(self) -> None:
+        start = time.monotonic()
+        index = 0
+        while not self._stop.is_set() and time.monotonic() - start < self.max_s:
+            before = time.monotonic()
+            original, enhanced = make_frames(index)
+            self.server.publish(original, enhanced, STATS | {"frame": index} | self.extra_stats)
+            self.times.append(time.monotonic())
+            index += 1
+            self._stop.wait(max(0.0, self.period - (time.monotonic() - before)))
+
+    def rate(self, t0: float, t1: float) -> float:
+        """Frames published per second between the monotonic times ``t0`` and ``t1``."""
+        return sum(t0 <= t < t1 for t in list(self.times)) / (t1 - t0)
+
+    def wait_for_frames(self, count: int) -> None:
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(self.times) < count:
+            assert time.monotonic() < deadline, "the publisher does not publish"
+            time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def serving(host: str = "127.0.0.1", token: str | None = None) -> Iterator[tuple]:
+    """A started server on port 0 and a running publisher; both stopped afterwards."""
+    server = PreviewServer(host, 0, token=token)
+    with server, Publisher(server) as publisher:
+        publisher.wait_for_frames(2)
+        yield server, publisher
+
+
+def wait_until(condition, what: str, timeout_s: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+# --- HTTP clients ------------------------------------------------------------------------------
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """One request to 127.0.0.1:``port``; ``(status, headers, body)``. The path is sent as is."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT_S)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        connection.close()
+
+
+def strict_json(body: bytes):
+    """Parse JSON as a browser does: NaN and Infinity are errors."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(body, parse_constant=refuse)
+
+
+def post_controls(port: int, payload, headers: dict[str, str] | None = None):
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return request(
+        port,
+        "POST",
+        "/controls",
+        body,
+        {"Content-Type": "application/json"} | (headers or {}),
+    )
+
+
+class MjpegClient:
+    """An MJPEG viewer on a raw socket; parts are parsed strictly as the server writes them."""
+
+    def __init__(
+        self,
+        port: int,
+        path: str,
+        headers: dict[str, str] | None = None,
+        rcvbuf: int | None = None,
+    ):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:  # before connect, so the advertised window stays small
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(TIMEOUT_S)
+        self.sock.connect(("127.0.0.1", port))
+        lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
+        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self._buffer = bytearray()
+        self.status: int | None = None
+        self.headers: dict[str, str] = {}
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> MjpegClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def read_head(self) -> int:
+        """Read the response head; the status code."""
+        head = self._until(b"\r\n\r\n").decode("latin-1").split("\r\n")
+        self.status = int(head[0].split()[1])
+        self.headers = {
+            name.strip().lower(): value.strip()
+            for name, _, value in (line.partition(":") for line in head[1:])
+        }
+        if self.status == 200:
+            content_type = self.headers["content-type"]
+            assert content_type == "multipart/x-mixed-replace; boundary=frame", content_type
+            # The first delimiter comes right away, each part is closed by the next one.
+            assert self._until(b"\r\n") == b"--frame"
+        return self.status
+
+    def next_part(self) -> tuple[int, bytes]:
+        """``(X-Frame sequence number, JPEG bytes)`` of the next part."""
+        lines = self._until(b"\r\n\r\n").decode("latin-1").split("\r\n")
+        fields = {
+            name.lower(): value.strip() for name, _, value in (x.partition(":") for x in lines)
+        }
+        assert fields["content-type"] == "image/jpeg"
+        jpeg = self._take(int(fields["content-length"]))
+        assert self._take(len(b"\r\n--frame\r\n")) == b"\r\n--frame\r\n"
+        return int(fields["x-frame"]), jpeg
+
+    def _until(self, marker: bytes) -> bytes:
+        while marker not in self._buffer:
+            self._fill()
+        end = self._buffer.index(marker)
+        data = bytes(self._buffer[:end])
+        del self._buffer[: end + len(marker)]
+        return data
+
+    def _take(self, size: int) -> bytes:
+        while len(self._buffer) < size:
+            self._fill()
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            raise ConnectionError("the server closed the stream")
+        self._buffer += chunk
+
+
+def decode(jpeg: bytes) -> np.ndarray:
+    bgr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert bgr is not None, "not a JPEG"
+    return bgr
+
+
+class StreamReader:
+    """Reads an MJPEG stream on a thread, noting ``(arrival time, sequence number)`` per part."""
+
+    def __init__(self, port: int, path: str):
+        self.client = MjpegClient(port, path)
+        assert self.client.read_head() == 200
+        self.parts: list[tuple[float, int]] = []
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="test-reader", daemon=True)
+
+    def __enter__(self) -> StreamReader:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=TIMEOUT_S)
+        self.client.close()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                seq, jpeg = self.client.next_part()
+                decode(jpeg)
+                self.parts.append((time.monotonic(), seq))
+        except BaseException as error:  # reported by the test
+            if not self._stop.is_set():
+                self.error = error
+
+    def between(self, t0: float, t1: float) -> list[int]:
+        return [seq for t, seq in list(self.parts) if t0 <= t < t1]
+
+
+# --- small pieces ------------------------------------------------------------------------------
+
+
+def test_parse_bind_and_loopback():
+    assert parse_bind("8765") == ("127.0.0.1", 8765)
+    assert parse_bind("0.0.0.0:9000") == ("0.0.0.0", 9000)
+    assert parse_bind("[::1]:80") == ("::1", 80)
+    for bad in ("", "host:", "x:99999", ":80", "::1:80", "[nope]:80", "80a"):
+        with pytest.raises(ValueError):
+            parse_bind(bad)
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("LOCALHOST")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
+
+
+def test_controls_validate_all_or_nothing():
+    controls = Controls()
+    assert controls.snapshot() == {"enhance": True, "blend": 1.0, "overlay": False}
+    assert controls.update({"blend": 0, "overlay": True})["blend"] == 0.0
+    for bad in (
+        {"blend": 1.5},
+        {"blend": True},
+        {"blend": float("nan")},
+        {"enhance": 1},
+        {"colour": "red"},
+        {"enhance": False, "blend": -1},
+    ):
+        with pytest.raises(ValueError):
+            controls.update(bad)
+    assert controls.snapshot() == {"enhance": True, "blend": 0.0, "overlay": True}
+
+
+def test_token_rules():
+    assert PreviewServer("127.0.0.1", 0).token is None
+    generated = PreviewServer("0.0.0.0", 0)
+    assert generated.token and generated.token_generated
+    given = PreviewServer("0.0.0.0", 0, token="s3cret-Token")
+    assert given.token == "s3cret-Token" and not given.token_generated
+    with pytest.raises(ValueError):
+        PreviewServer("0.0.0.0", 0, token="bad; token")
+
+
+def test_publish_rejects_non_rgb():
+    server = PreviewServer("127.0.0.1", 0)
+    good = np.zeros((4, 4, 3), np.uint8)
+    for bad in (
+        np.zeros((4, 4), np.uint8),
+        np.zeros((4, 4, 4), np.uint8),
+        good.astype(float),
+        [[[0, 0, 0]]],
+    ):
+        with pytest.raises(ValueError):
+            server.publish(bad, good, {})
+
+
+# --- HTTP --------------------------------------------------------------------------------------
+
+
+def test_http_page_stats_controls_and_404s():
+    with serving() as (server, publisher):
+        port = server.port
+        status, headers, body = request(port, "GET", "/")
+        assert status == 200 and headers.get_content_type() == "text/html"
+        assert b"stream/original.mjpg" in body and b'id="stats"' in body
+        assert headers["X-Frame-Options"] == "DENY"
+
+        publisher.extra_stats = {"unknown": float("nan"), "gpu_mem": np.float32(1.5)}
+        wait_until(lambda: len(publisher.times) > 5, "frames with the extra stats")
+        status, headers, body = request(port, "GET", "/stats")
+        assert status == 200 and headers.get_content_type() == "application/json"
+        stats = strict_json(body)
+        assert set(STATS_KEYS) <= stats.keys()
+        assert stats["latency_ms_p50"] == 12.3 and stats["latency_ms_p95"] == 20.7
+        assert stats["model"] == "GPEN-test-512" and stats["device"] == "cpu"
+        assert stats["unknown"] is None and stats["gpu_mem"] == 1.5
+        assert stats["published"] >= 2 and stats["viewers"] == 0
+
+        status, _, body = request(port, "GET", "/controls")
+        assert status == 200
+        assert strict_json(body) == {"enhance": True, "blend": 1.0, "overlay": False}
+        wanted = {"enhance": False, "blend": 0.25, "overlay": True}
+        status, _, body = post_controls(port, wanted)
+        assert status == 200 and strict_json(body) == wanted
+        assert strict_json(request(port, "GET", "/controls")[2]) == wanted
+        assert (server.controls.enhance, server.controls.blend, server.controls.overlay) == (
+            False,
+            0.25,
+            True,
+        )
+        status, _, body = post_controls(port, {"blend": 0.5})
+        assert status == 200 and strict_json(body) == wanted | {"blend": 0.5}
+
+        for bad in (
+            {"blend": 2},
+            {"blend": "0.5"},
+            {"enhance": "yes"},
+            {"nope": True},
+            {"overlay": False, "blend": -0.1},
+            [1, 2],
+            b"{not json",
+            b"\xff\xfe",
+            b"[" * (MAX_BODY_BYTES - 1),
+        ):
+            status, _, body = post_controls(port, bad)
+            assert status == 400, bad
+            assert "error" in strict_json(body)
+        assert server.controls.snapshot() == wanted | {"blend": 0.5}
+        status, _, _ = request(
+            port, "POST", "/controls", b'{"blend": 0}', {"Content-Type": "text/plain"}
+        )
+        assert status == 415
+        status, _, _ = post_controls(port, b" " * (MAX_BODY_BYTES + 1))
+        assert status == 413
+
+        for path in (
+            "/nope",
+            "/index.html",
+            "/../etc/passwd",
+            "//etc/passwd",
+            "/stream/",
+            "/stream/../stats",
+            "/stream/original.mjpg/..",
+            "/%2e%2e/etc/passwd",
+        ):
+            status, _, body = request(port, "GET", path)
+            assert status == 404, path
+            assert b"root:" not in body
+        assert (
+            request(port, "POST", "/stats", b"{}", {"Content-Type": "application/json"})[0] == 404
+        )
+        assert request(port, "DELETE", "/controls")[0] == 405
+        status, _, body = request(port, "HEAD", "/")
+        assert status == 405 and body == b""
+
+
+# --- MJPEG -------------------------------------------------------------------------------------
+
+
+def test_mjpeg_streams_several_viewers():
+    with serving() as (server, _):
+        clients = [
+            MjpegClient(server.port, "/stream/original.mjpg"),
+            MjpegClient(server.port, "/stream/original.mjpg?t=1"),
+            MjpegClient(server.port, "/stream/enhanced.mjpg"),
+        ]
+        try:
+            assert [client.read_head() for client in clients] == [200, 200, 200]
+            wait_until(lambda: server.viewers == 3, "three open streams")
+            assert strict_json(request(server.port, "GET", "/stats")[2])["viewers"] == 3
+            received = {
+                index: [client.next_part() for _ in range(4)]
+                for index, client in enumerate(clients)
+            }
+        finally:
+            for client in clients:
+                client.close()
+        for parts in received.values():
+            seqs = [seq for seq, _ in parts]
+            assert seqs == sorted(set(seqs)), f"frames repeat or go back: {seqs}"
+            images = [decode(jpeg) for _, jpeg in parts]
+            assert all(image.shape == (HEIGHT, WIDTH, 3) for image in images)
+            for a, b in itertools.pairwise(images):
+                assert np.abs(a.astype(int) - b.astype(int)).mean() > 1, "the frames do not change"
+        # Same frame number, both panes: the enhanced pane is not the original.
+        original = dict(received[0])
+        enhanced = dict(received[2])
+        common = sorted(original.keys() & enhanced.keys())
+        if common:
+            a, b = decode(original[common[0]]), decode(enhanced[common[0]])
+            assert np.abs(a.astype(int) - b.astype(int)).mean() > 40
+        wait_until(lambda: server.viewers == 0, "the streams to be counted closed")
+
+
+def test_stalled_viewer_neither_slows_the_publisher_nor_other_viewers():
+    with (
+        serving() as (server, publisher),
+        StreamReader(server.port, "/stream/original.mjpg") as normal,
+    ):
+        wait_until(lambda: len(normal.parts) >= 3, "the normal viewer's first frames")
+        t0 = time.monotonic()
+        time.sleep(2.0)
+        t1 = time.monotonic()
+        rate_without = publisher.rate(t0, t1)
+
+        # Connects, asks for the stream of the same pane, and never reads a byte.
+        stalled = MjpegClient(server.port, "/stream/original.mjpg", rcvbuf=4096)
+        try:
+            wait_until(lambda: server.viewers == 2, "the stalled viewer's stream")
+            t2 = time.monotonic()
+            time.sleep(2.5)
+            t3 = time.monotonic()
+            rate_with = publisher.rate(t2, t3)
+            published_by_t3 = server.stats()["published"]
+
+            assert normal.error is None, normal.error
+            assert rate_with >= 0.8 * rate_without, (rate_with, rate_without)
+            # The other viewer kept getting fresh frames meanwhile.
+            seqs = normal.between(t2, t3)
+            assert len(seqs) >= 0.5 * rate_without * (t3 - t2), (len(seqs), rate_without)
+            assert seqs == sorted(set(seqs))
+            assert seqs[-1] >= published_by_t3 - 5, (seqs[-1], published_by_t3)
+
+            # The stalled viewer, once it reads, gets the frames its socket buffers held, then
+            # the newest one: it skipped what was published while it stalled.
+            assert stalled.read_head() == 200
+            stalled_seqs = [stalled.next_part()[0]]
+            deadline = time.monotonic() + TIMEOUT_S
+            while time.monotonic() < deadline and len(stalled_seqs) < 150:
+                stalled_seqs.append(stalled.next_part()[0])
+                if stalled_seqs[-1] - stalled_seqs[-2] > 10:
+                    break
+            gaps = [b - a for a, b in itertools.pairwise(stalled_seqs)]
+            assert max(gaps) > 10, f"the stalled viewer did not skip frames: {stalled_seqs}"
+        finally:
+            stalled.close()
+
+
+def test_stop_cuts_a_stalled_stream():
+    server = PreviewServer("127.0.0.1", 0).start()
+    with Publisher(server):
+        stalled = MjpegClient(server.port, "/stream/enhanced.mjpg", rcvbuf=4096)
+        try:
+            wait_until(lambda: server.viewers == 1, "the stalled stream")
+            time.sleep(0.5)
+            started = time.monotonic()
+            server.stop()
+            assert time.monotonic() - started < TIMEOUT_S
+            # The server closed the stalled connection: past what its buffers held comes the end.
+            deadline = time.monotonic() + TIMEOUT_S
+            with pytest.raises(OSError):  # ConnectionError (the end) or a reset
+                while time.monotonic() < deadline:
+                    stalled._fill()
+            assert time.monotonic() < deadline, "the stalled stream was not closed"
+        finally:
+            stalled.close()
+            server.stop()
+
+
+# --- tokens ------------------------------------------------------------------------------------
+
+
+def test_token_required_beyond_loopback():
+    with serving(host="0.0.0.0") as (server, _):
+        port, token = server.port, server.token
+        assert token and server.token_generated
+        assert server.url.endswith(f":{port}/?token={token}")
+
+        for method, path in (
+            ("GET", "/"),
+            ("GET", "/stats"),
+            ("GET", "/controls"),
+            ("GET", "/stream/original.mjpg"),
+            ("GET", "/nope"),
+            ("GET", "//etc/passwd"),
+            ("GET", "/?token=wrong"),
+            ("GET", f"/?token={token}x"),
+            ("HEAD", "/"),
+            ("OPTIONS", "/controls"),
+        ):
+            status, headers, _ = request(port, method, path)
+            assert status == 401, (method, path, status)
+        assert request(port, "GET", "/stats", headers={"Authorization": "Bearer nope"})[0] == 401
+        status, headers, _ = post_controls(port, {"enhance": False})
+        assert status == 401 and headers["WWW-Authenticate"] == "Bearer"
+        assert server.controls.enhance is True
+        with MjpegClient(port, "/stream/original.mjpg") as client:
+            assert client.read_head() == 401
+
+        status, headers, body = request(port, "GET", f"/?token={token}")
+        assert status == 200 and b"stream/enhanced.mjpg" in body
+        status, _, body = request(
+            port, "GET", "/stats", headers={"Authorization": f"Bearer {token}"}
+        )
+        assert status == 200 and strict_json(body)["model"] == "GPEN-test-512"
+        status, _, _ = post_controls(port, {"overlay": True}, {"Authorization": f"Bearer {token}"})
+        assert status == 200 and server.controls.overlay is True
+
+        # The page loaded with the token sets a cookie that its own requests then carry.
+        cookie = headers["Set-Cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        cookie_header = {"Cookie": cookie.split(";", 1)[0]}
+        assert request(port, "GET", "/", headers=cookie_header)[0] == 200
+        assert request(port, "GET", "/stats", headers=cookie_header)[0] == 200
+        assert request(port, "GET", "/controls", headers=cookie_header)[0] == 200
+        for path, headers in (
+            ("/stream/original.mjpg", cookie_header),
+            (f"/stream/enhanced.mjpg?token={token}", {}),
+        ):
+            with MjpegClient(port, path, headers=headers) as client:
+                assert client.read_head() == 200
+                decode(client.next_part()[1])
+
+
+def test_loopback_without_token():
+    with serving() as (server, _):
+        assert server.token is None and "token" not in server.url
+        assert request(server.port, "GET", "/")[0] == 200
+        assert request(server.port, "GET", "/stats")[0] == 200
+        # A Host that is not loopback is what a DNS-rebinding page would send.
+        rebound = {"Host": f"evil.example:{server.port}"}
+        assert request(server.port, "GET", "/stats", headers=rebound)[0] == 403
+
+
+def test_loopback_with_a_token_requires_it():
+    with serving(token="let-me-in") as (server, _):
+        assert request(server.port, "GET", "/")[0] == 401
+        assert request(server.port, "GET", "/?token=let-me-in")[0] == 200
+
+
+# --- the page in a browser ---------------------------------------------------------------------
+
+
+def pane_region(shot: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    x, y, width, height = box
+    assert width > 100 and height > 75, f"the pane is too small: {box}"
+    return shot[y + 2 : y + height - 2, x + 2 : x + width - 2].astype(np.float32)
+
+
+def test_page_in_headless_chromium(tmp_path: Path):
+    try:
+        find_chromium()
+    except BrowserError as error:
+        pytest.fail(f"{error} -- the browser test needs the Debian package(s) {APT_PACKAGES}")
+    shots_dir = Path(SCREENSHOT_DIR) if SCREENSHOT_DIR else tmp_path
+    shots_dir.mkdir(parents=True, exist_ok=True)
+    with (
+        serving(host="0.0.0.0") as (server, _),
+        HeadlessChromium(width=1280, height=720, timeout_s=20) as browser,
+    ):
+        browser.navigate(f"http://127.0.0.1:{server.port}/?token={server.token}")
+        browser.wait_for(
+            "['original', 'enhanced'].every(id => document.getElementById(id).naturalWidth > 0)"
+        )
+        browser.wait_for("document.getElementById('stats').textContent.includes('GPEN-test-512')")
+        time.sleep(0.3)  # let both panes show a recent frame
+        boxes = {pane: browser.element_box(f"#{pane}") for pane in ("original", "enhanced")}
+        first = browser.screenshot()
+        time.sleep(1.0)
+        second = browser.screenshot()
+        for name, shot in (("first", first), ("second", second)):
+            cv2.imwrite(
+                str(shots_dir / f"preview-{name}.png"), cv2.cvtColor(shot, cv2.COLOR_RGB2BGR)
+            )
+
+        for pane, box in boxes.items():
+            a, b = pane_region(first, box), pane_region(second, box)
+            assert a.std() > 20 and b.std() > 20, f"the {pane} pane is blank"
+            assert np.abs(a - b).mean() > 2, f"the {pane} pane did not change in a second"
+        original, enhanced = (
+            pane_region(second, boxes["original"]),
+            pane_region(second, boxes["enhanced"]),
+        )
+        assert np.abs(original - enhanced).mean() > 20, "both panes show the same picture"
+
+        stats_text = browser.element_text("#stats")
+        for expected in ("fps in 25.0", "fps out 24.5", "p50 12 ms", "p95 21 ms", "faces 2"):
+            assert expected in stats_text, (expected, stats_text)
+        assert "dropped 3" in stats_text and "cpu" in stats_text, stats_text
+        assert browser.element_text("#status") == ""
+
+        # The controls reach the server (with the token) and show what it holds.
+        assert browser.evaluate("document.getElementById('enhance').checked") is True
+        browser.evaluate("document.getElementById('overlay').click()")
+        wait_until(lambda: server.controls.overlay, "the overlay checkbox to reach the server")
+        browser.evaluate(
+            "(() => { const s = document.getElementById('blend'); s.value = '0.3';"
+            " s.dispatchEvent(new Event('change')); })()"
+        )
+        wait_until(lambda: math.isclose(server.controls.blend, 0.3), "the blend slider")
