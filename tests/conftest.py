@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from streamgpen.models.gpen import GPENConfig
 
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+MOBILENET = "detection_mobilenet0.25_Final.pth"
 # The config of shared/fixtures/gpen/tiny_state_dict.pt (see shared/README.md).
 TINY_CONFIG = GPENConfig(64, style_dim=128, n_mlp=8, channel_multiplier=1, narrow=0.25)
 
@@ -36,3 +38,11 @@ def tiny_state_dict(shared_dir: Path) -> dict[str, torch.Tensor]:
         map_location="cpu",
         weights_only=True,
     )
+
+
+@pytest.fixture(scope="session")
+def weights_dir(shared_dir: Path, tmp_path_factory) -> Path:
+    """A weights directory holding the real mobilenet RetinaFace, so nothing is downloaded."""
+    directory = tmp_path_factory.mktemp("weights")
+    shutil.copy(shared_dir / "weights" / MOBILENET, directory / MOBILENET)
+    return directory

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,14 +19,6 @@ from streamgpen.enhancer import Enhancer
 from streamgpen.runtime import Identity, Restorer
 
 MOBILENET = "detection_mobilenet0.25_Final.pth"
-
-
-@pytest.fixture(scope="session")
-def weights_dir(shared_dir, tmp_path_factory) -> Path:
-    """A weights directory holding the real mobilenet RetinaFace (nothing to download)."""
-    directory = tmp_path_factory.mktemp("weights")
-    shutil.copy(shared_dir / "weights" / MOBILENET, directory / MOBILENET)
-    return directory
 
 
 @pytest.fixture(scope="session")

@@ -27,13 +27,6 @@ SAMPLE = ROOT / "samples" / "solvay_pan.mp4"
 MOBILENET = "detection_mobilenet0.25_Final.pth"
 
 
-@pytest.fixture(scope="module")
-def weights_dir(shared_dir, tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("weights")
-    shutil.copy(shared_dir / "weights" / MOBILENET, directory / MOBILENET)
-    return directory
-
-
 def streamgpen_cmd(*args, weights_dir: Path) -> list[str]:
     return [
         sys.executable, "-m", "streamgpen", "enhance", *map(str, args), "--model", "identity",
