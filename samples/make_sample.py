@@ -2,8 +2,10 @@
 
 A slow pan and zoom moves the faces and changes their scale; blur, noise, blockiness,
 faded contrast and flicker make it look like old footage; a structured tone-and-crackle
-track gives the audio path something to copy. Deterministic: the same bytes of input give
-the same frames every run. Run from anywhere: ``python samples/make_sample.py``.
+track gives the audio path something to copy. The rendered frames and the audio packets are
+the same every run; the H.264 bytes can differ between runs (x264 is not bit-reproducible here),
+so the committed clip is the reference the tests use. Run from anywhere:
+``python samples/make_sample.py``.
 """
 
 from __future__ import annotations

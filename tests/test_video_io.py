@@ -500,3 +500,14 @@ def test_missing_file_directory_and_text_file_are_user_errors(tmp_path):
         with pytest.raises(UserError, match=message) as info:
             open_source(spec)
         assert "\n" not in str(info.value)
+
+
+def test_realtime_file_is_paced_at_its_frame_rate_and_live(tmp_path):
+    src = tmp_path / "clip.mkv"
+    write_clip(src, n=10)  # 25 fps: the last frame is due 0.36 s after the first
+    with open_source(str(src), realtime=True) as source:
+        assert source.is_live
+        start = time.monotonic()
+        frames = list(source)
+    assert len(frames) == 10
+    assert time.monotonic() - start >= 9 / 25 - 0.02
