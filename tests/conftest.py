@@ -46,3 +46,11 @@ def weights_dir(shared_dir: Path, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("weights")
     shutil.copy(shared_dir / "weights" / MOBILENET, directory / MOBILENET)
     return directory
+
+
+@pytest.fixture(scope="session")
+def detector(shared_dir: Path):
+    """The real mobilenet0.25 RetinaFace on the CPU, shared by the test modules."""
+    from streamgpen.detect import FaceDetector
+
+    return FaceDetector("mobile0.25", shared_dir / "weights" / MOBILENET)

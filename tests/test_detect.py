@@ -22,11 +22,6 @@ def shared(relative: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def detector() -> FaceDetector:
-    return FaceDetector("mobile0.25", shared("weights/detection_mobilenet0.25_Final.pth"))
-
-
-@pytest.fixture(scope="module")
 def solvay() -> np.ndarray:
     image = cv2.imread(str(shared("media/Solvay_conference_1927.png")))
     assert image is not None and image.shape == (568, 1328, 3)

@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 from streamgpen.align import paste_alpha, similarity_transform, template
-from streamgpen.detect import FaceDetector
 from streamgpen.enhancer import Enhancer
 from streamgpen.runtime import Identity, Restorer
 
@@ -24,11 +23,6 @@ MOBILENET = "detection_mobilenet0.25_Final.pth"
 @pytest.fixture(scope="session")
 def solvay(shared_dir) -> Path:
     return shared_dir / "media" / "Solvay_conference_1927.png"
-
-
-@pytest.fixture(scope="session")
-def detector(shared_dir) -> FaceDetector:
-    return FaceDetector("mobile0.25", shared_dir / "weights" / MOBILENET)
 
 
 @pytest.fixture(scope="session")

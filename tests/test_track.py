@@ -40,11 +40,6 @@ def shared(relative: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def detector() -> FaceDetector:
-    return FaceDetector("mobile0.25", shared("weights/detection_mobilenet0.25_Final.pth"))
-
-
-@pytest.fixture(scope="module")
 def photo() -> np.ndarray:
     bgr = cv2.imread(str(shared("media/Solvay_conference_1927.png")))
     assert bgr is not None

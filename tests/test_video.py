@@ -6,7 +6,6 @@ ffprobe (Debian's ffmpeg) reads every output as an independent check of what PyA
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,9 +16,9 @@ import av
 import numpy as np
 import pytest
 import torch
+from probe import ffprobe
 from rtsp_server import RtspServer
 
-from streamgpen.detect import FaceDetector
 from streamgpen.track import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,18 +32,6 @@ def streamgpen_cmd(*args, weights_dir: Path) -> list[str]:
         "--detector", "retinaface_mobile0.25", "--weights-dir", str(weights_dir),
         "--device", "cpu",
     ]  # fmt: skip
-
-
-def ffprobe(path: Path, stream: str, entries: str) -> list[str]:
-    """One value per frame, packet or stream of ``stream`` (e.g. 'v:0'), as ffprobe reads it."""
-    if shutil.which("ffprobe") is None:
-        pytest.fail("ffprobe is missing: install Debian's ffmpeg package (.ci/run does)")
-    out = subprocess.run(
-        ["ffprobe", "-v", "error", "-select_streams", stream, "-show_entries", entries,
-         "-of", "csv=p=0", str(path)],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    return [line.strip(",") for line in out.split()]
 
 
 def decoded_frames(path: Path, limit: int | None = None) -> list[np.ndarray]:
@@ -100,8 +87,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / (np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2]) - inter))
 
 
-def test_tracking_matches_detection_on_every_frame(shared_dir):
-    detector = FaceDetector("mobile0.25", shared_dir / "weights" / MOBILENET)
+def test_tracking_matches_detection_on_every_frame(detector):
     frames = sample_frames()
 
     def track(detect_every: int):

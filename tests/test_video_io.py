@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 import subprocess
 import time
 from fractions import Fraction
@@ -18,23 +17,12 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from probe import ffprobe
 from rtsp_server import RtspServer, free_port, make_test_clip
 
 from streamgpen.errors import UserError
 from streamgpen.io.sinks import ImageDirSink, NullSink, open_sink
 from streamgpen.io.video import open_source
-
-
-def ffprobe(path: Path, stream: str, entries: str) -> list[str]:
-    """One value per frame, packet or stream of ``stream`` (e.g. 'v:0'), as ffprobe reads it."""
-    if shutil.which("ffprobe") is None:
-        pytest.fail("ffprobe is missing: install Debian's ffmpeg package (.ci/run does)")
-    out = subprocess.run(
-        ["ffprobe", "-v", "error", "-select_streams", stream, "-show_entries", entries,
-         "-of", "csv=p=0", str(path)],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    return [line.strip(",") for line in out.split()]
 
 
 def probe_streams(path: Path) -> list[dict]:
