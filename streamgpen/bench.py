@@ -40,16 +40,27 @@ RANDOM_WEIGHTS_NOTE = (
 
 @dataclass(frozen=True)
 class Mode:
-    """One way of running the network: its name, weight precision and whether graphs are used."""
+    """One way of running the network: its name, weight precision, CUDA graphs, torch.compile."""
 
     name: str
     precision: str
     cuda_graphs: bool = False
+    compile: bool = False
 
 
 BASELINE = Mode("eager-fp32", "fp32")  # at batch 1: the official GPEN inference
 CUDA_MODES = (Mode("eager-fp16", "fp16"), Mode("graphs-fp16", "fp16", cuda_graphs=True))
 CPU_MODES = (BASELINE, Mode("eager-bf16", "bf16"))
+# With --compile: whether torch.compile before capture measures faster than graphs alone.
+CUDA_COMPILED = Mode("graphs-fp16-compiled", "fp16", cuda_graphs=True, compile=True)
+CPU_COMPILED = Mode("compiled-fp32", "fp32", compile=True)
+
+
+def bench_modes(device: torch.device, compiled: bool) -> tuple[Mode, ...]:
+    """The modes measured on ``device`` besides the baseline at batch 1."""
+    if device.type == "cuda":
+        return CUDA_MODES + ((CUDA_COMPILED,) if compiled else ())
+    return CPU_MODES + ((CPU_COMPILED,) if compiled else ())
 
 
 @dataclass(frozen=True)
@@ -145,6 +156,7 @@ def measure(
         batch,
         precision=mode.precision,
         cuda_graphs=mode.cuda_graphs,
+        compile=mode.compile,
         buckets=(batch,),  # only full batches are timed: capture nothing else
     )
     restorer.warmup()
@@ -154,12 +166,16 @@ def measure(
 
 
 def bench_model(
-    name: str, device: torch.device, batch_sizes: list[int], t: Timing, peak: dict
+    name: str,
+    device: torch.device,
+    batch_sizes: list[int],
+    t: Timing,
+    peak: dict,
+    modes: tuple[Mode, ...],
 ) -> list[dict]:
     """Rows for one model: the baseline, then every mode at every batch size."""
     torch.manual_seed(0)
     model = GPEN.from_config(weights.get_spec(name).config).eval()
-    modes = CUDA_MODES if device.type == "cuda" else CPU_MODES
     runs = [(BASELINE, 1)] + [
         (mode, b) for mode in modes for b in batch_sizes if (mode, b) != (BASELINE, 1)
     ]
@@ -170,6 +186,7 @@ def bench_model(
             "mode": mode.name,
             "precision": mode.precision,
             "cuda_graphs": mode.cuda_graphs,
+            "compile": mode.compile,
             "batch": batch,
         }
         row.update(measure(model, device, mode, batch, t))
@@ -192,11 +209,13 @@ def run_bench(
     pipeline_frames: int | None = None,
     detector: str = "retinaface_mobile0.25",
     weights_dir: Path | None = None,
+    compiled: bool = False,
 ) -> dict:
     """Benchmark GPEN on ``device`` and return (and optionally save) a report.
 
     Model only: baseline eager fp32 at batch 1; on CUDA eager fp16 and fp16 with CUDA graphs
-    at each batch size, on CPU eager fp32 and eager bf16. ``models`` and ``batch_sizes``
+    at each batch size, on CPU eager fp32 and eager bf16; ``compiled`` adds the same with
+    ``torch.compile`` (graphs-fp16-compiled, compiled-fp32). ``models`` and ``batch_sizes``
     default to :func:`default_models` and :func:`default_batch_sizes`. End to end (unless
     ``pipeline_frames`` is 0): a generated 1080p clip through the whole pipeline, see
     :mod:`streamgpen.bench_pipeline`; it needs the ``detector``'s weights.
@@ -220,11 +239,16 @@ def run_bench(
             "models": models,
             "batch_sizes": batch_sizes,
             "quick": quick,
+            "compile": compiled,
         },
         "note": RANDOM_WEIGHTS_NOTE,
         "timing": asdict(t),
         "matmul_peak": peak,
-        "model_rows": [row for m in models for row in bench_model(m, dev, batch_sizes, t, peak)],
+        "model_rows": [
+            row
+            for m in models
+            for row in bench_model(m, dev, batch_sizes, t, peak, bench_modes(dev, compiled))
+        ],
         "pipeline_rows": [],
     }
     if pipeline_frames != 0:

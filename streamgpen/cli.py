@@ -375,6 +375,13 @@ def bench(
         str, typer.Option(help="Detector of the end-to-end run.")
     ] = "retinaface_mobile0.25",
     weights_dir: WeightsDirOption = None,
+    compile_: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="Also time torch.compile'd modes (minutes of compilation per batch size).",
+        ),
+    ] = False,
 ) -> None:
     """Measure GPEN's speed on this machine (random weights: speed does not depend on them).
 
@@ -384,7 +391,15 @@ def bench(
     from streamgpen.bench import format_pipeline, format_report, run_bench
 
     report = run_bench(
-        device, model or None, batch_size or None, quick, json_path, frames, detector, weights_dir
+        device,
+        model or None,
+        batch_size or None,
+        quick,
+        json_path,
+        frames,
+        detector,
+        weights_dir,
+        compiled=compile_,
     )
     # Wide enough for the tables when the output is a file or a pipe (rich assumes 80 columns).
     console = Console(width=None if sys.stdout.isatty() else 140)

@@ -25,6 +25,7 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
 # The CUDA graph docs warm up on a side stream before capture; 3 iterations also let cuDNN's
 # autotuner and torch.compile finish their one-off work on the exact shapes that are captured.
 WARMUP_ITERS = 3
+COMPILE_RECOMPILE_LIMIT = 64
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -164,6 +165,10 @@ class Restorer:
         self.model.eval()
         self._forward = self._eager_forward
         if self.compile:
+            # Each bucket is a compilation of the same code (and each Restorer, e.g. in bench, a
+            # few more); past dynamo's recompile limit it would silently fall back to eager.
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, COMPILE_RECOMPILE_LIMIT)
             # Default mode: "reduce-overhead" would add inductor's own CUDA graphs to ours.
             self._forward = torch.compile(self._eager_forward, dynamic=False)
         static = (self.cuda_graphs or self.compile) and not self.is_identity
