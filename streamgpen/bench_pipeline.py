@@ -22,7 +22,7 @@ from streamgpen.errors import UserError
 from streamgpen.io.sinks import open_sink
 from streamgpen.io.video import open_source
 from streamgpen.models.gpen import GPEN
-from streamgpen.pipeline import STAGES, VideoOptions, VideoPipeline
+from streamgpen.pipeline import STAGES, WORKER_STAGES, VideoOptions, VideoPipeline
 from streamgpen.runtime import Restorer
 from streamgpen.track import Tracker
 from streamgpen.weights import MODELS
@@ -87,7 +87,7 @@ def _run(enhancer: Enhancer, clip: Path, model: str, live: bool) -> dict:
     with source:
         stats = pipeline.run()
     wall = max(stats.elapsed, 1e-9)
-    worker = sum(stats.stage_seconds[s] for s in ("detect_track", "restore", "blend"))
+    worker = sum(stats.stage_seconds[s] for s in WORKER_STAGES)
     row = {
         "model": model,
         "mode": "live" if live else "file",

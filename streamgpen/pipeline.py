@@ -25,6 +25,7 @@ from streamgpen.io.video import Frame, VideoSource
 from streamgpen.overlay import draw_faces
 from streamgpen.preview import PreviewServer
 from streamgpen.track import TrackedFace, Tracker
+from streamgpen.transfer import DeviceFrame, Downloader, HostImage, Uploader
 
 _END = object()
 LIVE_DEPTH = 2
@@ -40,9 +41,11 @@ class VideoOptions:
     sync_stages: bool = False
     preview: PreviewServer | None = None
     model_name: str = ""
+    yuv_on_device: bool | None = None  # None: on CUDA (see transfer.Uploader)
 
 
 STAGES = ("decode", "detect_track", "restore", "blend", "encode")
+WORKER_STAGES = ("detect_track", "restore", "blend")  # the device worker's thread
 
 
 @dataclass
@@ -50,7 +53,8 @@ class VideoStats:
     """Counters the progress display and the summary read (written by the pipeline's threads).
 
     ``stage_seconds`` adds up the wall time each stage took; with ``VideoOptions.sync_stages``
-    the device is synchronised at stage boundaries so that the figures are the device's too.
+    the worker's stream is synchronised at its stage boundaries so that the figures are the
+    device's too. ``decode`` includes queueing the upload, ``encode`` waiting for the download.
     """
 
     frames_in: int = 0
@@ -84,6 +88,7 @@ class VideoStats:
 class _Work:
     frame: Frame
     arrived: float
+    pixels: DeviceFrame
 
 
 class FrameQueue:
@@ -149,6 +154,8 @@ class VideoPipeline:
         self._outbox: queue.Queue = queue.Queue(16)
         self._errors: list[BaseException] = []
         self._reconnects = 0
+        self._upload = Uploader(enhancer.device, options.yuv_on_device)
+        self._download = Downloader(enhancer.device)
 
     def run(self) -> VideoStats:
         """Process until the source ends (or Ctrl-C, which stops cleanly and re-raises)."""
@@ -175,10 +182,11 @@ class VideoPipeline:
             while True:
                 with self._timed("decode"):
                     frame = next(frames, None)
+                    pixels = self._upload(frame) if frame is not None else None
                 if frame is None or self.stop.is_set():
                     break
                 self.stats.frames_in += 1
-                self._inbox.put(_Work(frame, time.perf_counter()), self.stop)
+                self._inbox.put(_Work(frame, time.perf_counter(), pixels), self.stop)
         except BaseException as e:  # surfaced by run() in the main thread
             self._errors.append(e)
         finally:
@@ -190,8 +198,9 @@ class VideoPipeline:
                 item = self._outbox.get()
                 if item is _END:
                     return
-                work, image, faces = item
+                work, pending, faces = item
                 with self._timed("encode"):
+                    image = pending.get()
                     self.sink.write(work.frame, image)
                 self.stats.frames_out += 1
                 self.stats.latencies.append(time.perf_counter() - work.arrived)
@@ -237,10 +246,10 @@ class VideoPipeline:
 
     # --- the device work ---------------------------------------------------------------------
 
-    def _enhance(self, chunk: list[_Work]) -> tuple[list[np.ndarray], list[int]]:
+    def _enhance(self, chunk: list[_Work]) -> tuple[list[HostImage], list[int]]:
         """Track, align, restore and paste the faces of a chunk of frames.
 
-        Returns the output images and each frame's face count.
+        Returns the output images (on their way to the host) and each frame's face count.
         """
         enhancer = self.enhancer
         controls = self.options.preview.controls if self.options.preview else None
@@ -252,7 +261,7 @@ class VideoPipeline:
             self._reconnects = self.source.reconnects
             self.tracker.reset()
         with self._timed("detect_track"):
-            frames = torch.stack([self._upload(w.frame.image) for w in chunk])  # [B, 3, H, W]
+            frames = torch.stack([w.pixels.rgb() for w in chunk])  # [B, 3, H, W]
             tracked: list[list[TrackedFace]] = []
             for work, frame in zip(chunk, frames, strict=True):
                 faces = self.tracker.update(frame, self._seconds(work.frame))
@@ -270,7 +279,10 @@ class VideoPipeline:
         self.stats.faces += sum(counts)
         self.stats.full_detections = self.tracker.full_detections
         if self.options.draw or (controls is not None and controls.overlay):
-            images = [_draw(image, faces) for image, faces in zip(images, tracked, strict=True)]
+            images = [
+                HostImage(_draw(image.get(), faces))
+                for image, faces in zip(images, tracked, strict=True)
+            ]
         return images, counts
 
     @contextmanager
@@ -279,8 +291,14 @@ class VideoPipeline:
         try:
             yield
         finally:
-            if self.options.sync_stages and self.enhancer.device.type == "cuda":
-                torch.cuda.synchronize(self.enhancer.device)
+            if (
+                self.options.sync_stages
+                and stage in WORKER_STAGES
+                and self.enhancer.device.type == "cuda"
+            ):
+                # The worker's stream only: a device-wide sync would also wait for the
+                # decoder's uploads and the encoder's downloads, which overlap by design.
+                torch.cuda.current_stream(self.enhancer.device).synchronize()
             self.stats.stage_seconds[stage] += time.perf_counter() - start
 
     def _seconds(self, frame: Frame) -> float:
@@ -288,20 +306,6 @@ class VideoPipeline:
         if frame.time is not None:
             return frame.time
         return frame.index / float(self.source.fps or 25)
-
-    def _upload(self, rgb: np.ndarray) -> torch.Tensor:
-        # HxWx3 uint8 RGB -> [3, H, W] float in [0, 1] on the device
-        t = torch.from_numpy(rgb).pin_memory() if self.enhancer.device.type == "cuda" else None
-        t = (t if t is not None else torch.from_numpy(rgb)).to(
-            self.enhancer.device, non_blocking=True
-        )
-        return t.permute(2, 0, 1).float().div_(255)
-
-    @staticmethod
-    def _download(frames: torch.Tensor) -> list[np.ndarray]:
-        # [B, 3, H, W] float in [0, 1] -> B x HxWx3 uint8 RGB
-        out = frames.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
-        return list(out.numpy())
 
     def _publish(self, original: np.ndarray, enhanced: np.ndarray, faces: int) -> None:
         stats = self.stats

@@ -12,11 +12,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import cached_property
 
 import av
 import av.error
 import numpy as np
 
+from streamgpen.color import YUV420_FORMATS
 from streamgpen.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -34,24 +36,56 @@ _EAGAIN_SLEEP_S = 0.005
 _MEDIA_ERRORS = (av.error.FFmpegError, OSError)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Frame:
-    """One decoded video frame, upright, as RGB.
+    """One decoded video frame: the decoder's picture, its timing and how to show it upright.
 
     ``pts`` and ``duration`` are in ``time_base`` units; ``pts`` is None when the input
-    carries no timestamp. ``image`` is HxWx3 uint8 RGB, C-contiguous.
+    carries no timestamp. ``rotation`` (degrees, counter-clockwise) turns ``picture`` upright.
+    ``image`` is the upright HxWx3 uint8 RGB array, converted on first use; ``yuv420()``
+    gives the raw planes instead, for converting on the device.
     """
 
     index: int
     pts: int | None
     time_base: Fraction
-    image: np.ndarray
+    picture: av.VideoFrame = field(repr=False)
     duration: int | None = None
+    rotation: int = 0
 
     @property
     def time(self) -> float | None:
         """Presentation time in seconds, or None without a timestamp."""
         return None if self.pts is None else float(self.pts * self.time_base)
+
+    @property
+    def turns(self) -> int:
+        """Quarter turns, counter-clockwise, that make the picture upright."""
+        return round(self.rotation / 90) % 4
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) upright."""
+        h, w = self.picture.height, self.picture.width
+        return (w, h) if self.turns % 2 else (h, w)
+
+    @cached_property
+    def image(self) -> np.ndarray:
+        """HxWx3 uint8 RGB, upright and C-contiguous (converted by libswscale)."""
+        raw = self.picture
+        image = raw.to_ndarray(format="rgb24", src_color_range=raw.color_range or None)
+        if self.turns:
+            # np.rot90 turns counter-clockwise, the same sense as the display matrix.
+            image = np.ascontiguousarray(np.rot90(image, k=self.turns))
+        return image
+
+    def yuv420(self) -> np.ndarray | None:
+        """The picture's planes as [H * 3 / 2, W] uint8 (not rotated) when it is 8-bit YUV
+        4:2:0 of even size; None otherwise."""
+        raw = self.picture
+        if raw.format.name not in YUV420_FORMATS or raw.width % 2 or raw.height % 2:
+            return None
+        return raw.to_ndarray()
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +235,7 @@ class VideoSource:
         if self._pending is None:
             self.close()
             raise UserError(f"no decodable video frame in {self.spec}")
-        self.height, self.width = self._pending.image.shape[:2]
+        self.height, self.width = self._pending.shape
 
     def __repr__(self) -> str:
         return (
@@ -378,11 +412,7 @@ class VideoSource:
     def _to_frame(self, raw: av.VideoFrame, pts: int | None, duration: int | None) -> Frame:
         if self._decoded == 0:
             self._describe(raw)
-        image = raw.to_ndarray(format="rgb24", src_color_range=raw.color_range or None)
-        if raw.rotation:
-            # np.rot90 turns counter-clockwise, the same sense as the display matrix.
-            image = np.ascontiguousarray(np.rot90(image, k=round(raw.rotation / 90)))
-        frame = Frame(self._decoded, pts, self.time_base, image, duration)
+        frame = Frame(self._decoded, pts, self.time_base, raw, duration, raw.rotation)
         self._decoded += 1
         return frame
 
