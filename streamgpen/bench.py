@@ -23,6 +23,7 @@ import torch
 from rich.table import Table
 
 from streamgpen import weights
+from streamgpen.bench_photos import bench_jpeg_decode
 from streamgpen.models.gpen import GPEN
 from streamgpen.runtime import Restorer, resolve_device
 
@@ -250,6 +251,7 @@ def run_bench(
             for row in bench_model(m, dev, batch_sizes, t, peak, bench_modes(dev, compiled))
         ],
         "pipeline_rows": [],
+        "jpeg_decode": bench_jpeg_decode(dev, seconds=0.5 if quick else 2.0),
     }
     if pipeline_frames != 0:
         from streamgpen.bench_pipeline import bench_pipeline
@@ -288,6 +290,16 @@ def format_report(report: dict) -> Table:
             f"{100 * row['fraction_of_peak']:.1f}",
         )
     return table
+
+
+def format_jpeg_decode(report: dict) -> str:
+    """One line on photo decoding: cv2 on the host against torchvision on the device."""
+    row = report["jpeg_decode"]
+    return (
+        f"JPEG {row['width']}x{row['height']} to {row['device']}: cv2 "
+        f"{row['cv2_images_per_s']:.1f} images/s, torchvision {row['torchvision_images_per_s']:.1f}"
+        f" images/s ({row['speedup']:.2f}x)"
+    )
 
 
 def format_pipeline(report: dict) -> Table | None:

@@ -152,6 +152,18 @@ def enhance(
     min_face: Annotated[int, typer.Option(help="Smallest face kept, in pixels.", min=1)] = 10,
     batch_size: Annotated[int, typer.Option(help="Faces per GPEN batch.", min=1)] = 8,
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option(help="GPEN's weights: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
+    ] = "auto",
+    compile_: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="torch.compile GPEN before CUDA graph capture: slower start-up; "
+            "see `streamgpen bench --compile` for whether it pays on your GPU.",
+        ),
+    ] = False,
     blend: Annotated[
         float, typer.Option(help="1: restored faces, 0: original faces.", min=0.0, max=1.0)
     ] = 1.0,
@@ -273,6 +285,8 @@ def enhance(
         device=device,
         weights_dir=weights_dir,
         batch_size=batch_size,
+        precision=precision,
+        compile=compile_,
         det_size=det_size,
         det_threshold=det_threshold,
         min_face=min_face,
@@ -388,7 +402,7 @@ def bench(
     Model only (faces/s per model, precision and batch size, against the official eager fp32
     batch-1 way) and end to end (a generated 1080p clip with four moving faces).
     """
-    from streamgpen.bench import format_pipeline, format_report, run_bench
+    from streamgpen.bench import format_jpeg_decode, format_pipeline, format_report, run_bench
 
     report = run_bench(
         device,
@@ -404,6 +418,7 @@ def bench(
     # Wide enough for the tables when the output is a file or a pipe (rich assumes 80 columns).
     console = Console(width=None if sys.stdout.isatty() else 140)
     console.print(format_report(report))
+    console.print(format_jpeg_decode(report), highlight=False)
     pipeline = format_pipeline(report)
     if pipeline is not None:
         console.print(pipeline)

@@ -6,7 +6,7 @@ This is the core that photos and video share. Pixels live on the torch device as
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +41,13 @@ class FaceBatch:
 
 @dataclass
 class EnhanceResult:
-    """An enhanced image (same layout and dtype as the input) and the faces found in it."""
+    """An enhanced image (same layout and dtype as the input) and the faces found in it.
 
-    image: np.ndarray
+    ``image`` is an HxWx3 BGR array from ``enhance``, a [1, 3, H, W] float RGB tensor in [0, 1]
+    on the device from ``enhance_tensor``.
+    """
+
+    image: np.ndarray | torch.Tensor
     faces: list[Face]
     crops: torch.Tensor = field(repr=False, default=None)
     restored: torch.Tensor = field(repr=False, default=None)
@@ -55,8 +59,13 @@ def build_restorer(
     device: torch.device | str | None = None,
     weights_dir: Path | None = None,
     batch_size: int = 8,
+    precision: str = "auto",
+    compile: bool = False,
 ) -> Restorer:
-    """The restorer for ``--model``/``--model-path``; weights are fetched on first use."""
+    """The restorer for ``--model``/``--model-path``; weights are fetched on first use.
+
+    ``precision`` and ``compile`` are :class:`~streamgpen.runtime.Restorer`'s.
+    """
     device = resolve_device(device) if not isinstance(device, torch.device) else device
     if model_path is not None:
         network = weights.load_gpen(Path(model_path), device="cpu")
@@ -67,7 +76,7 @@ def build_restorer(
     else:
         choices = ", ".join((*GPEN_MODELS, IDENTITY))
         raise UserError(f"unknown model {model!r} (choose {choices}, or --model-path FILE)")
-    return Restorer(network, device, batch_size)
+    return Restorer(network, device, batch_size, precision=precision, compile=compile)
 
 
 def build_detector(
@@ -103,6 +112,8 @@ class Enhancer:
         device: str | torch.device | None = None,
         weights_dir: Path | None = None,
         batch_size: int = 8,
+        precision: str = "auto",
+        compile: bool = False,
         det_size: int = DEFAULT_DET_SIZE,
         det_threshold: float = 0.9,
         min_face: int = 10,
@@ -116,7 +127,7 @@ class Enhancer:
             raise UserError(f"--blend must be in [0, 1], not {blend}")
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         self.restorer = restorer or build_restorer(
-            model, model_path, self.device, weights_dir, batch_size
+            model, model_path, self.device, weights_dir, batch_size, precision, compile
         )
         self.detector = face_detector or build_detector(
             detector, self.device, weights_dir, det_size, det_threshold, min_face
@@ -136,28 +147,39 @@ class Enhancer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    # --- numpy in, numpy out: photos and the Python API -------------------------------------
+    # --- numpy in, numpy out: the Python API ------------------------------------------------
 
     def enhance(self, bgr: np.ndarray) -> EnhanceResult:
         """Enhance every face of an HxWx3 BGR image (uint8 or uint16); returns the same layout."""
-        frame = self.upload(bgr)
-        faces = self.detect(frame)[0]
-        batch = self.align(frame, [faces])
-        self.restore(batch)
-        out = self.paste(frame, batch)
-        return EnhanceResult(self.download(out, bgr.dtype), faces, batch.crops, batch.restored)
+        return self._on_host(self.enhance_tensor, bgr)
 
     def enhance_aligned(self, bgr: np.ndarray) -> EnhanceResult:
         """Restore an image that already is an aligned face: straight through the model."""
-        frame = self.upload(bgr)
+        return self._on_host(self.enhance_aligned_tensor, bgr)
+
+    def _on_host(self, enhance, bgr: np.ndarray) -> EnhanceResult:
+        result = enhance(self.upload(bgr))
+        return replace(result, image=self.download(result.image, bgr.dtype))
+
+    # --- a whole image on the device: photos decoded there, and the numpy API above ---------
+
+    def enhance_tensor(self, frame: torch.Tensor) -> EnhanceResult:
+        """Enhance every face of [1, 3, H, W] float RGB in [0, 1] on the device; the result's
+        ``image`` is the same layout, still on the device."""
+        faces = self.detect(frame)[0]
+        batch = self.align(frame, [faces])
+        self.restore(batch)
+        return EnhanceResult(self.paste(frame, batch), faces, batch.crops, batch.restored)
+
+    def enhance_aligned_tensor(self, frame: torch.Tensor) -> EnhanceResult:
+        """``enhance_aligned`` of [1, 3, H, W] float RGB in [0, 1] on the device, kept there."""
         h, w = frame.shape[-2:]
         crop = _resize(frame, (self.size, self.size)) * 2 - 1
         if self.clahe:
             crop = clahe_luminance(crop)
         restored = self.restorer(crop)
         out = _resize((restored + 1) / 2, (h, w))
-        out = frame + self.blend * (out - frame)
-        return EnhanceResult(self.download(out, bgr.dtype), [], crop, restored)
+        return EnhanceResult(frame + self.blend * (out - frame), [], crop, restored)
 
     def upload(self, bgr: np.ndarray) -> torch.Tensor:
         """HxWx3 BGR uint8/uint16 -> [1, 3, H, W] float RGB in [0, 1] on the device."""

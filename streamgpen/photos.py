@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -12,18 +17,24 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from streamgpen.enhancer import Enhancer, EnhanceResult
+from streamgpen.enhancer import Enhancer
 from streamgpen.errors import UserError
 from streamgpen.io.facelog import FaceLog
 from streamgpen.io.images import (
+    Photo,
     copy_file,
+    decode_photo,
     is_image_path,
     iter_folder,
     merge_channels,
-    read_photo,
     write_image,
 )
 from streamgpen.overlay import draw_faces
+
+# Photos decoded ahead of the device, and enhanced ones waiting for the writer: enough to keep the
+# device busy while files are read and written, few enough to bound memory (whole images each).
+READ_AHEAD = 3
+WRITE_BEHIND = 2
 
 
 @dataclass
@@ -73,22 +84,32 @@ def plan_outputs(source: Path, output: Path | None) -> list[tuple[Path, Path]]:
 
 
 def enhance_photos(
-    enhancer: Enhancer, pairs: list[tuple[Path, Path]], options: PhotoOptions
+    enhancer: Enhancer,
+    pairs: list[tuple[Path, Path]],
+    options: PhotoOptions,
+    device_decode: bool | None = None,
 ) -> PhotoSummary:
-    """Enhance each (input, output) pair; a bad file is reported in one line and skipped."""
+    """Enhance each (input, output) pair; a bad file is reported in one line and skipped.
+
+    The next photos are decoded on background threads and the outputs encoded and written on
+    another, in order, so that the device does not wait for files. ``device_decode`` overrides
+    :func:`decode_photo`'s choice of decoder (the tests use it to run torchvision's on the CPU).
+    """
     summary = PhotoSummary()
     console = Console(stderr=True)
     face_log = FaceLog(options.faces_json) if options.faces_json else None
     start = time.perf_counter()
     progress = _progress(console, disable=options.quiet or len(pairs) == 0)
+    decode = partial(decode_photo, device=enhancer.device, on_device=device_decode)
     try:
-        with progress:
+        with progress, _threads(READ_AHEAD) as readers, _threads(1) as writer:
             task = progress.add_task("photos", total=len(pairs), rate="")
-            for source, target in pairs:
+
+            def finish(source: Path, faces: int, written: Future) -> None:
                 try:
-                    n = _enhance_one(enhancer, source, target, options, face_log)
+                    written.result()
                     summary.images += 1
-                    summary.faces += n
+                    summary.faces += faces
                 except UserError as e:
                     summary.failed.append(source)
                     progress.console.print(
@@ -98,6 +119,19 @@ def enhance_photos(
                 done = summary.images + len(summary.failed)
                 rate = f"{done / elapsed:.2f} images/s, {summary.faces / elapsed:.1f} faces/s"
                 progress.update(task, advance=1, rate=rate)
+
+            pending: deque[tuple[Path, int, Future]] = deque()
+            photos = _prefetch(readers, decode, (source for source, _ in pairs), READ_AHEAD)
+            for (source, target), photo in zip(pairs, photos, strict=True):
+                try:
+                    write, faces = _enhance_one(enhancer, photo.result(), target, options, face_log)
+                    pending.append((source, faces, writer.submit(write)))
+                except UserError as e:
+                    pending.append((source, 0, _failed(e)))
+                while pending and (pending[0][2].done() or len(pending) > WRITE_BEHIND):
+                    finish(*pending.popleft())
+            while pending:
+                finish(*pending.popleft())
     finally:
         if face_log:
             face_log.close()
@@ -105,6 +139,33 @@ def enhance_photos(
     if not options.quiet:
         _print_summary(console, summary)
     return summary
+
+
+@contextmanager
+def _threads(count: int) -> Iterator[ThreadPoolExecutor]:
+    pool = ThreadPoolExecutor(count, thread_name_prefix="streamgpen-photos")
+    try:
+        yield pool
+    finally:
+        # After Ctrl-C or an error, queued reads and writes are dropped instead of run; a write
+        # under way ends (atomic: no *.partial is left), so this waits for one file at most.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _prefetch(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, ahead: int) -> Iterator:
+    """Futures of ``fn(item)``, in order, each submitted ``ahead`` items before it is yielded."""
+    futures: deque[Future] = deque()
+    for item in items:
+        futures.append(pool.submit(fn, item))
+        if len(futures) > ahead:
+            yield futures.popleft()
+    yield from futures
+
+
+def _failed(error: Exception) -> Future:
+    future: Future = Future()
+    future.set_exception(error)
+    return future
 
 
 def _progress(console: Console, disable: bool) -> Progress:
@@ -120,33 +181,52 @@ def _progress(console: Console, disable: bool) -> Progress:
 
 
 def _enhance_one(
-    enhancer: Enhancer, source: Path, target: Path, options: PhotoOptions, face_log: FaceLog | None
-) -> int:
-    photo = read_photo(source)
+    enhancer: Enhancer, photo: Photo, target: Path, options: PhotoOptions, face_log: FaceLog | None
+) -> tuple[Callable[[], None], int]:
+    """Enhance ``photo`` on the device; returns the writing left to do, and the number of faces."""
+    source = photo.path
     try:
-        if options.aligned:
-            result = enhancer.enhance_aligned(photo.color)
+        if isinstance(photo.color, torch.Tensor):  # decoded on the device: [3, H, W] uint8 RGB
+            if photo.color.is_cuda:
+                # Allocated on the decoder's stream: keep it from being reused while this one
+                # still reads it.
+                photo.color.record_stream(torch.cuda.current_stream(photo.color.device))
+            frame, dtype = photo.color[None].float() / 255, np.uint8
         else:
-            result = enhancer.enhance(photo.color)
+            frame, dtype = enhancer.upload(photo.color), photo.color.dtype
+        if options.aligned:
+            result = enhancer.enhance_aligned_tensor(frame)
+        else:
+            result = enhancer.enhance_tensor(frame)
+        faces = result.faces
+        # no face: the file itself, bit for bit
+        copy = not faces and not options.aligned and source.suffix.lower() == target.suffix.lower()
+        # The writer gets the enhanced image on the host (with the photo's alpha and gray), not
+        # the decoded pixels on the device.
+        out = None if copy else replace(photo, color=enhancer.download(result.image, dtype))
+        crops = None
+        if options.save_faces is not None:
+            crops = _to_bgr(result.crops), _to_bgr(result.restored)
     except torch.OutOfMemoryError:
         raise UserError(f"{source}: out of memory (try a smaller --batch-size)") from None
     if face_log:
-        for face in result.faces:
+        for face in faces:
             face_log.write(face, file=str(source), frame=0, track=None, detector_run=True)
-    if options.save_faces is not None:
-        _save_faces(options.save_faces, source, result)
-    untouched = not result.faces and not options.aligned
-    if untouched and source.suffix.lower() == target.suffix.lower():
-        copy_file(source, target)  # no face: the file itself, bit for bit
-        return 0
-    image = draw_faces(result.image, result.faces) if options.draw else result.image
-    write_image(target, merge_channels(photo, image))
-    return len(result.faces)
+
+    def write() -> None:
+        if crops is not None:
+            _save_faces(options.save_faces, source, *crops)
+        if out is None:
+            copy_file(source, target)
+        else:
+            image = draw_faces(out.color, faces) if options.draw else out.color
+            write_image(target, merge_channels(out, image))
+
+    return write, len(faces)
 
 
-def _save_faces(folder: Path, source: Path, result: EnhanceResult) -> None:
+def _save_faces(folder: Path, source: Path, crops: np.ndarray, restored: np.ndarray) -> None:
     """Aligned crop, restored crop and the two side by side, per face."""
-    crops, restored = _to_bgr(result.crops), _to_bgr(result.restored)
     for i, (crop, face) in enumerate(zip(crops, restored, strict=True)):
         stem = folder / f"{source.stem}_{i:02d}"
         write_image(stem.with_name(stem.name + "_crop.png"), crop)

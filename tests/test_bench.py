@@ -26,6 +26,7 @@ REQUIRED = {
     "matmul_peak",
     "model_rows",
     "pipeline_rows",
+    "jpeg_decode",
 }
 ROW_FIELDS = {
     "model",
