@@ -10,6 +10,8 @@ Shapes: B batch, H/W image size, P priors (anchors).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,7 +100,8 @@ class FaceDetector:
             raise ValueError(f"expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
         height, width = images.shape[-2:]
         x = self._preprocess(images)
-        loc, conf, landm = self.net(x)
+        with _fixed_algorithms():
+            loc, conf, landm = self.net(x)
         priors = self._priors_for(x.shape[-2:])
         # Decoded coordinates are fractions of the network input, which spans the whole original
         # image: scaling by the original size maps them back exactly, whatever the resize.
@@ -161,6 +164,19 @@ class FaceDetector:
         ):
             faces[i].append(Face(box=_frozen(box), landmarks=_frozen(points), score=score))
         return faces
+
+
+@contextmanager
+def _fixed_algorithms() -> Iterator[None]:
+    """cuDNN's autotuner off: the detector sees a new input shape with every photo size and every
+    count and size of tracking crops, and autotuning times every convolution anew for each one
+    (GPEN, whose shapes are fixed per batch bucket, keeps it)."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def _frozen(array: np.ndarray) -> np.ndarray:

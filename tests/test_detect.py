@@ -110,3 +110,21 @@ def test_rejects_wrong_layouts(detector):
 def test_missing_weights_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="weights not found"):
         FaceDetector("mobile0.25", tmp_path / "absent.pth")
+
+
+def test_the_detector_runs_without_cudnn_autotuning(detector):
+    # Restorer turns cuDNN's autotuner on for GPEN's fixed shapes; the detector's shapes change
+    # with every photo and every set of tracking crops, so it runs with the autotuner off and
+    # leaves the setting as it found it.
+    seen = []
+    hook = detector.net.register_forward_pre_hook(
+        lambda *_: seen.append(torch.backends.cudnn.benchmark)
+    )
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        detector.detect(torch.zeros(1, 3, 64, 64))
+        assert seen == [False] and torch.backends.cudnn.benchmark is True
+    finally:
+        hook.remove()
+        torch.backends.cudnn.benchmark = saved
