@@ -101,6 +101,8 @@ def enhance_photos(
     start = time.perf_counter()
     progress = _progress(console, disable=options.quiet or len(pairs) == 0)
     decode = partial(decode_photo, device=enhancer.device, on_device=device_decode)
+    # On CUDA, capture GPEN's graphs before the readers start decoding on the device.
+    enhancer.restorer.warmup()
     try:
         with progress, _threads(READ_AHEAD) as readers, _threads(1) as writer:
             task = progress.add_task("photos", total=len(pairs), rate="")

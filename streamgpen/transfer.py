@@ -18,10 +18,12 @@ from streamgpen.color import is_full_range, yuv420_to_rgb
 from streamgpen.io.video import Frame
 
 
-def _event(stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
+def _event(stream: torch.cuda.Stream | None, blocking: bool = False) -> torch.cuda.Event | None:
+    """An event recorded on ``stream``; ``blocking``: a host thread waiting for it sleeps rather
+    than spins."""
     if stream is None:
         return None
-    event = torch.cuda.Event()
+    event = torch.cuda.Event(blocking=blocking)
     event.record(stream)
     return event
 
@@ -120,5 +122,6 @@ class Downloader:
         with torch.cuda.stream(self._stream):
             host.copy_(pixels, non_blocking=True)
         pixels.record_stream(self._stream)
-        ready = _event(self._stream)
+        # The encoder thread waits on it: sleeping keeps a CPU core free for decoding.
+        ready = _event(self._stream, blocking=True)
         return [HostImage(image, ready) for image in host.numpy()]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from streamgpen.errors import UserError
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".jp2"}
 _JPEG_MAGIC = b"\xff\xd8"
 _JPEG_END = b"\xff\xd9"
+# Per reader thread: its CUDA stream for decoding.
+_thread = threading.local()
 # Start-of-frame markers of baseline and progressive (Huffman) JPEGs: the kinds nvJPEG documents
 # decoding. Extended, lossless, hierarchical and arithmetic-coded ones are left to cv2.
 _DEVICE_FRAMES = {0xC0, 0xC2}
@@ -130,7 +133,7 @@ def _decode_jpeg_tensor(
     # Reader threads decode while the main thread's kernels run on the default stream; nvJPEG
     # could write into memory those kernels still read (pytorch/vision#9606) unless it allocates
     # from a stream of its own, synchronised before the image is handed over.
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    stream = _decoding_stream(device)
     with torch.cuda.stream(stream):
         image = decode_jpeg(torch.from_numpy(data), mode=mode, device=device)  # [1 or 3, H, W]
         # torchvision applies EXIF orientation only on the CPU (not with nvJPEG), so it is
@@ -144,6 +147,16 @@ def _decode_jpeg_tensor(
     if stream is not None:
         stream.synchronize()
     return Photo(path, image, None, grayscale=gray)
+
+
+def _decoding_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """This thread's stream for decoding on ``device``, made once (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    streams = _thread.__dict__.setdefault("streams", {})
+    if device not in streams:
+        streams[device] = torch.cuda.Stream(device)
+    return streams[device]
 
 
 class _JpegHeader(NamedTuple):

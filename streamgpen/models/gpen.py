@@ -159,8 +159,10 @@ class EqualLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # In the input's dtype, not the weight's: the style path runs in fp32 in an fp16 model.
-        weight = (self.weight * self.scale).to(x.dtype)
-        bias = (self.bias * self.lr_mul).to(x.dtype)
+        # Cast before scaling: the style MLP's scale (lr_mul 0.01) would push fp16 products of
+        # small weights into subnormals.
+        weight = self.weight.to(x.dtype) * self.scale
+        bias = self.bias.to(x.dtype) * self.lr_mul
         if self.activation:
             return fused_leaky_relu(F.linear(x, weight), bias)
         return F.linear(x, weight, bias)
