@@ -227,12 +227,17 @@ def run_bench(
     unknown = [m for m in models if m not in FLOPS_PER_FACE]
     if unknown:
         raise ValueError(f"unknown model {unknown[0]!r}; known: {', '.join(FLOPS_PER_FACE)}")
+    if pipeline_frames != 0:
+        # Fetched (or found missing) now, not after minutes of model timings.
+        weights.ensure(detector, weights.weights_dir(weights_dir))
     t = timing(dev, quick)
     peak = matmul_peak(dev, t)
     report = {
         "device": device_name(dev),
         "device_type": dev.type,
         "torch": torch.__version__,
+        # fp32 convolutions on CUDA run in TF32 when this is on (PyTorch's default): the baseline's.
+        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "args": {
@@ -295,10 +300,14 @@ def format_report(report: dict) -> Table:
 def format_jpeg_decode(report: dict) -> str:
     """One line on photo decoding: cv2 on the host against torchvision on the device."""
     row = report["jpeg_decode"]
-    return (
-        f"JPEG {row['width']}x{row['height']} to {row['device']}: cv2 "
-        f"{row['cv2_images_per_s']:.1f} images/s, torchvision {row['torchvision_images_per_s']:.1f}"
-        f" images/s ({row['speedup']:.2f}x)"
+    line = (
+        f"JPEG {row['width']}x{row['height']} to {row['device']}: "
+        f"cv2 {row['cv2_images_per_s']:.1f} images/s, "
+    )
+    if row["torchvision_images_per_s"] is None:
+        return line + "torchvision could not decode it"
+    return line + (
+        f"torchvision {row['torchvision_images_per_s']:.1f} images/s ({row['speedup']:.2f}x)"
     )
 
 

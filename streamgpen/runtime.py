@@ -41,6 +41,13 @@ def resolve_device(name: str | None) -> torch.device:
         raise UserError(
             f"--device {name}: CUDA is not available on this machine (use --device cpu)"
         )
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UserError(f"--device {name}: this machine has {count} CUDA device(s)")
+        # Library calls that take no device (graph capture's synchronize, empty_cache) act on
+        # the current one: make it this one, not GPU 0.
+        torch.cuda.set_device(device)
     return device
 
 
@@ -50,6 +57,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
         return torch.float16 if device.type == "cuda" else torch.float32
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r} (use auto, {', '.join(PRECISIONS)})")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"{torch.cuda.get_device_name(device)} has no bf16: use fp16")
     return PRECISIONS[precision]
 
 

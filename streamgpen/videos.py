@@ -79,6 +79,9 @@ def enhance_video(
     """
     so, ko = source_options or SourceOptions(), sink_options or SinkOptions()
     options = video_options or VideoOptions()
+    # GPEN's graphs (and compilation) before connecting: seconds to minutes during which a live
+    # stream would not be read. The detector, cheap to prepare, waits for the frame size below.
+    enhancer.restorer.warmup()
     source = open_source(
         spec,
         realtime=so.realtime,
@@ -108,7 +111,7 @@ def enhance_video(
         console.print(f"preview: {preview.url}", markup=False, soft_wrap=True)
     options.face_log = FaceLog(faces_json) if faces_json else None
     if enhancer.device.type == "cuda":
-        enhancer.warmup(source.height, source.width)
+        enhancer.warmup(source.height, source.width)  # the restorer's part is done already
     tracker = Tracker(enhancer.detector, detect_every=detect_every)
     progress = _progress(console, source, disable=quiet)
     pipeline = VideoPipeline(source, sink, enhancer, tracker, options)

@@ -179,6 +179,20 @@ def test_weights_download_offline(run, weights_dir):
     assert f"{url}/GPEN-BFR-256.pth" in error and str(weights_dir) in error
 
 
+def test_bench_without_detector_weights_fails_before_timing_anything(run, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    report = tmp_path / "report.json"
+    result = run("bench", "--device", "cpu", "--quick", "--weights-dir", str(tmp_path),
+                 "--json", str(report), STREAMGPEN_WEIGHTS_URL=url)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stdout == "", "no model was timed"
+    error = result.stderr.splitlines()[-1]
+    assert error.startswith("streamgpen: error: could not download detection_mobilenet0.25")
+    assert not report.exists()
+
+
 class StallingHandler(BaseHTTPRequestHandler):
     """Sends the headers and a few bytes of a large file, then waits until the test ends."""
 

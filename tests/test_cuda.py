@@ -86,7 +86,7 @@ def test_compiled_graphs_equal_plain_graphs(tiny):
     plain = Restorer(copy.deepcopy(tiny), CUDA, 4)(x)
     compiled = Restorer(copy.deepcopy(tiny), CUDA, 4, compile=True)
     compiled.warmup()
-    assert psnr(compiled(x), plain) >= 50  # inductor fuses and rounds fp16 its own way
+    assert psnr(compiled(x), plain) >= MIN_PSNR_FP16  # inductor rounds fp16 its own way
 
 
 def test_uploads_and_downloads_on_streams_equal_the_cpu_path(tmp_path):
