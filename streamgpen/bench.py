@@ -24,6 +24,7 @@ from rich.table import Table
 
 from streamgpen import weights
 from streamgpen.bench_photos import bench_jpeg_decode
+from streamgpen.errors import UserError
 from streamgpen.models.gpen import GPEN
 from streamgpen.runtime import Restorer, resolve_device
 
@@ -211,6 +212,7 @@ def run_bench(
     detector: str = "retinaface_mobile0.25",
     weights_dir: Path | None = None,
     compiled: bool = False,
+    profile: Path | None = None,
 ) -> dict:
     """Benchmark GPEN on ``device`` and return (and optionally save) a report.
 
@@ -219,7 +221,8 @@ def run_bench(
     ``torch.compile`` (graphs-fp16-compiled, compiled-fp32). ``models`` and ``batch_sizes``
     default to :func:`default_models` and :func:`default_batch_sizes`. End to end (unless
     ``pipeline_frames`` is 0): a generated 1080p clip through the whole pipeline, see
-    :mod:`streamgpen.bench_pipeline`; it needs the ``detector``'s weights.
+    :mod:`streamgpen.bench_pipeline`; it needs the ``detector``'s weights. ``profile``: a
+    torch.profiler trace of the end-to-end file run is written there.
     """
     dev = resolve_device(device)
     models = models or default_models(quick)
@@ -227,6 +230,8 @@ def run_bench(
     unknown = [m for m in models if m not in FLOPS_PER_FACE]
     if unknown:
         raise ValueError(f"unknown model {unknown[0]!r}; known: {', '.join(FLOPS_PER_FACE)}")
+    if profile is not None and pipeline_frames == 0:
+        raise UserError("--profile profiles the end-to-end run, which --frames 0 skips")
     if pipeline_frames != 0:
         # Fetched (or found missing) now, not after minutes of model timings.
         weights.ensure(detector, weights.weights_dir(weights_dir))
@@ -264,7 +269,9 @@ def run_bench(
         model = "GPEN-BFR-256" if quick else "GPEN-BFR-512"
         frames = pipeline_frames or default_pipeline_frames(dev, quick)
         report["args"] |= {"pipeline_frames": frames, "detector": detector}
-        report["pipeline_rows"] = bench_pipeline(dev, model, frames, detector, weights_dir)
+        report["pipeline_rows"] = bench_pipeline(
+            dev, model, frames, detector, weights_dir, profile=profile
+        )
     if json_path is not None:
         json_path = Path(json_path)
         json_path.parent.mkdir(parents=True, exist_ok=True)

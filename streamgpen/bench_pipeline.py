@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import av
@@ -61,8 +62,13 @@ def bench_pipeline(
     detector: str = "retinaface_mobile0.25",
     weights_dir: Path | None = None,
     batch_size: int = 8,
+    profile: Path | None = None,
 ) -> list[dict]:
-    """Two runs over the generated clip: as fast as possible, then live (paced at its rate)."""
+    """Two runs over the generated clip: as fast as possible, then live (paced at its rate).
+
+    ``profile``: run the first under torch.profiler, write its Chrome trace there (the worker's
+    stages are named ranges ``stage:...``) and add the ops that took most time to its row.
+    """
     network = GPEN.from_config(MODELS[model].config)
     enhancer = Enhancer(
         restorer=Restorer(network, device, batch_size),
@@ -72,10 +78,12 @@ def bench_pipeline(
     enhancer.warmup(1080, 1920)
     with tempfile.TemporaryDirectory() as tmp:
         clip = make_clip(Path(tmp) / "faces_1080p.mp4", frames)
-        return [_run(enhancer, clip, model, live) for live in (False, True)]
+        return [_run(enhancer, clip, model, False, profile), _run(enhancer, clip, model, True)]
 
 
-def _run(enhancer: Enhancer, clip: Path, model: str, live: bool) -> dict:
+def _run(
+    enhancer: Enhancer, clip: Path, model: str, live: bool, profile: Path | None = None
+) -> dict:
     source = open_source(str(clip), realtime=live)
     pipeline = VideoPipeline(
         source,
@@ -84,7 +92,7 @@ def _run(enhancer: Enhancer, clip: Path, model: str, live: bool) -> dict:
         Tracker(enhancer.detector),
         VideoOptions(sync_stages=not live),
     )
-    with source:
+    with source, _profiled(profile, enhancer.device) as profiler:
         stats = pipeline.run()
     wall = max(stats.elapsed, 1e-9)
     worker = sum(stats.stage_seconds[s] for s in WORKER_STAGES)
@@ -100,6 +108,9 @@ def _run(enhancer: Enhancer, clip: Path, model: str, live: bool) -> dict:
         # Stages are synchronised in the file run, so this is the device worker's idle share.
         "worker_idle_fraction": round(max(0.0, 1 - worker / wall), 3),
     }
+    if profiler is not None:
+        profiler.export_chrome_trace(str(profile))
+        row |= {"profile_trace": str(profile), "profile_top_ops": top_ops(profiler)}
     if live:
         row |= {
             "latency_ms_p50": _round(stats.latency_ms(0.5)),
@@ -107,6 +118,43 @@ def _run(enhancer: Enhancer, clip: Path, model: str, live: bool) -> dict:
             "dropped": stats.dropped,
         }
     return row
+
+
+@contextmanager
+def _profiled(path: Path | None, device: torch.device):
+    """torch.profiler around the block when ``path`` is given (CUDA kernels included), else None."""
+    if path is None:
+        yield None
+        return
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        yield profiler
+
+
+def top_ops(profiler: torch.profiler.profile, count: int = 15) -> list[dict]:
+    """The ops (and on CUDA, kernels) that took most self time: device time on a GPU, else CPU.
+
+    CPU ops are those of the worker thread (torch.profiler follows the thread that started it);
+    GPU kernels are recorded whichever thread launched them.
+    """
+    events = profiler.key_averages()
+    on_device = any(e.self_device_time_total > 0 for e in events)
+
+    def self_us(e) -> float:
+        return e.self_device_time_total if on_device else e.self_cpu_time_total
+
+    ranked = sorted((e for e in events if self_us(e) > 0), key=self_us, reverse=True)
+    return [
+        {
+            "name": e.key,
+            "calls": e.count,
+            "self_ms": round(self_us(e) / 1e3, 3),
+            "clock": "device" if on_device else "cpu",
+        }
+        for e in ranked[:count]
+    ]
 
 
 def _round(value: float | None) -> float | None:

@@ -396,6 +396,15 @@ def bench(
             help="Also time torch.compile'd modes (minutes of compilation per batch size).",
         ),
     ] = False,
+    profile: Annotated[
+        Path | None,
+        typer.Option(
+            help="Profile the end-to-end file run with torch.profiler: Chrome trace here, "
+            "top ops in the report.",
+            dir_okay=False,
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Measure GPEN's speed on this machine (random weights: speed does not depend on them).
 
@@ -414,6 +423,7 @@ def bench(
         detector,
         weights_dir,
         compiled=compile_,
+        profile=profile,
     )
     # Wide enough for the tables when the output is a file or a pipe (rich assumes 80 columns).
     console = Console(width=None if sys.stdout.isatty() else 140)

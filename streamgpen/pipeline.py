@@ -289,7 +289,10 @@ class VideoPipeline:
     def _timed(self, stage: str):
         start = time.perf_counter()
         try:
-            yield
+            # A named range in torch.profiler traces (bench --profile): which stage a kernel
+            # belongs to.
+            with torch.profiler.record_function(f"stage:{stage}"):
+                yield
         finally:
             if (
                 self.options.sync_stages

@@ -85,7 +85,10 @@ def test_end_to_end_benchmark_runs_the_real_pipeline(shared_dir, tmp_path):
     (weights_dir / name).write_bytes((shared_dir / "weights" / name).read_bytes())
     from streamgpen.bench_pipeline import bench_pipeline
 
-    rows = bench_pipeline(torch.device("cpu"), "GPEN-BFR-256", 2, weights_dir=weights_dir)
+    trace = tmp_path / "trace.json"
+    rows = bench_pipeline(
+        torch.device("cpu"), "GPEN-BFR-256", 2, weights_dir=weights_dir, profile=trace
+    )
     assert [row["mode"] for row in rows] == ["file", "live"]
     file_run, live_run = rows
     assert file_run["frames"] == 2 and file_run["faces_per_frame"] == 4
@@ -93,3 +96,10 @@ def test_end_to_end_benchmark_runs_the_real_pipeline(shared_dir, tmp_path):
     assert file_run["stage_ms_per_frame"]["restore"] > 0
     assert 0 <= file_run["worker_idle_fraction"] <= 1
     assert live_run["latency_ms_p95"] >= live_run["latency_ms_p50"] > 0
+    # The file run was profiled: a Chrome trace with the worker's stages as named ranges.
+    assert file_run["profile_trace"] == str(trace) and "profile_trace" not in live_run
+    names = {event.get("name") for event in json.loads(trace.read_text())["traceEvents"]}
+    assert {"stage:detect_track", "stage:restore", "stage:blend"} <= names
+    top = file_run["profile_top_ops"]
+    assert 0 < len(top) <= 15 and all(op["clock"] == "cpu" and op["self_ms"] > 0 for op in top)
+    assert top == sorted(top, key=lambda op: op["self_ms"], reverse=True)
