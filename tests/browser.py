@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
+from sockreader import SocketReader
 
 APT_PACKAGES = ("chromium",)
 CANDIDATES = ("chromium", "chromium-browser")
@@ -263,7 +264,9 @@ class _WebSocket:
     def __init__(self, url: str, timeout_s: float):
         parts = urlsplit(url)
         self._sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout_s)
-        self._buffer = bytearray()
+        self._reader = SocketReader(
+            self._sock, BrowserError, "DevTools connection closed", chunk=1 << 20
+        )
         self._handshake(parts.netloc, parts.path)
 
     def _handshake(self, netloc: str, path: str) -> None:
@@ -273,11 +276,7 @@ class _WebSocket:
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
         )
         self._sock.sendall(request.encode())
-        while b"\r\n\r\n" not in self._buffer:
-            self._fill()
-        end = self._buffer.index(b"\r\n\r\n") + 4
-        head = bytes(self._buffer[:end])
-        del self._buffer[:end]
+        head = self._reader.until(b"\r\n\r\n")
         if b" 101 " not in head.split(b"\r\n", 1)[0]:
             raise BrowserError(f"WebSocket handshake refused: {head[:200]!r}")
 
@@ -317,25 +316,12 @@ class _WebSocket:
         self._sock.sendall(header + mask + masked.tobytes())
 
     def _receive_frame(self) -> tuple[bool, int, bytes]:
-        first, second = self._read(2)
+        first, second = self._reader.take(2)
         length = second & 0x7F
         if length == 126:
-            (length,) = struct.unpack("!H", self._read(2))
+            (length,) = struct.unpack("!H", self._reader.take(2))
         elif length == 127:
-            (length,) = struct.unpack("!Q", self._read(8))
+            (length,) = struct.unpack("!Q", self._reader.take(8))
         if second & 0x80:
             raise BrowserError("DevTools sent a masked frame")
-        return bool(first & 0x80), first & 0x0F, self._read(length)
-
-    def _read(self, size: int) -> bytes:
-        while len(self._buffer) < size:
-            self._fill()
-        data = bytes(self._buffer[:size])
-        del self._buffer[:size]
-        return data
-
-    def _fill(self) -> None:
-        chunk = self._sock.recv(1 << 20)
-        if not chunk:
-            raise BrowserError("DevTools connection closed")
-        self._buffer += chunk
+        return bool(first & 0x80), first & 0x0F, self._reader.take(length)

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import pytest
 from browser import APT_PACKAGES, BrowserError, HeadlessChromium, find_chromium
+from sockreader import SocketReader
 
 from streamgpen.preview import (
     MAX_BODY_BYTES,
@@ -197,7 +198,7 @@ class MjpegClient:
         lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
         lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-        self._buffer = bytearray()
+        self._reader = SocketReader(self.sock, ConnectionError, "the server closed the stream")
         self.status: int | None = None
         self.headers: dict[str, str] = {}
 
@@ -212,7 +213,7 @@ class MjpegClient:
 
     def read_head(self) -> int:
         """Read the response head; the status code."""
-        head = self._until(b"\r\n\r\n").decode("latin-1").split("\r\n")
+        head = self._reader.until(b"\r\n\r\n").decode("latin-1").split("\r\n")
         self.status = int(head[0].split()[1])
         self.headers = {
             name.strip().lower(): value.strip()
@@ -222,40 +223,19 @@ class MjpegClient:
             content_type = self.headers["content-type"]
             assert content_type == "multipart/x-mixed-replace; boundary=frame", content_type
             # The first delimiter comes right away, each part is closed by the next one.
-            assert self._until(b"\r\n") == b"--frame"
+            assert self._reader.until(b"\r\n") == b"--frame"
         return self.status
 
     def next_part(self) -> tuple[int, bytes]:
         """``(X-Frame sequence number, JPEG bytes)`` of the next part."""
-        lines = self._until(b"\r\n\r\n").decode("latin-1").split("\r\n")
+        lines = self._reader.until(b"\r\n\r\n").decode("latin-1").split("\r\n")
         fields = {
             name.lower(): value.strip() for name, _, value in (x.partition(":") for x in lines)
         }
         assert fields["content-type"] == "image/jpeg"
-        jpeg = self._take(int(fields["content-length"]))
-        assert self._take(len(b"\r\n--frame\r\n")) == b"\r\n--frame\r\n"
+        jpeg = self._reader.take(int(fields["content-length"]))
+        assert self._reader.take(len(b"\r\n--frame\r\n")) == b"\r\n--frame\r\n"
         return int(fields["x-frame"]), jpeg
-
-    def _until(self, marker: bytes) -> bytes:
-        while marker not in self._buffer:
-            self._fill()
-        end = self._buffer.index(marker)
-        data = bytes(self._buffer[:end])
-        del self._buffer[: end + len(marker)]
-        return data
-
-    def _take(self, size: int) -> bytes:
-        while len(self._buffer) < size:
-            self._fill()
-        data = bytes(self._buffer[:size])
-        del self._buffer[:size]
-        return data
-
-    def _fill(self) -> None:
-        chunk = self.sock.recv(1 << 16)
-        if not chunk:
-            raise ConnectionError("the server closed the stream")
-        self._buffer += chunk
 
 
 def decode(jpeg: bytes) -> np.ndarray:
@@ -528,7 +508,7 @@ def test_stop_cuts_a_stalled_stream():
             deadline = time.monotonic() + TIMEOUT_S
             with pytest.raises(OSError):  # ConnectionError (the end) or a reset
                 while time.monotonic() < deadline:
-                    stalled._fill()
+                    stalled._reader.fill()
             assert time.monotonic() < deadline, "the stalled stream was not closed"
         finally:
             stalled.close()
