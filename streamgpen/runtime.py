@@ -230,10 +230,11 @@ class Restorer:
     def warmup(self) -> None:
         """Prepare every bucket now (CUDA graph capture, compilation) rather than on first use.
 
-        Nothing to do for the eager path without ``compile``.
+        Nothing to do for the eager path without ``compile``, nor for buckets already made: a
+        second call (videos warm GPEN up, then the whole enhancer) costs nothing.
         """
         # Largest first: its memory is claimed before the smaller buckets fragment the heap.
-        for size in sorted(self._sizes, reverse=True):
+        for size in sorted(set(self._sizes) - self._static.keys(), reverse=True):
             bucket = self._bucket(size)
             if bucket.graph is None:
                 bucket.forward(bucket.input)  # compiles the forward for this shape
