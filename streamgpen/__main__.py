@@ -1,3 +1,3 @@
-from streamgpen.cli import main
+from streamgpen.cli.app import main
 
 main()

@@ -13,30 +13,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from streamgpen import weights
-from streamgpen.align import paste_faces, similarity_transform, template, warp_faces
-from streamgpen.clahe import clahe_luminance
-from streamgpen.detect import DEFAULT_DET_SIZE, Face, FaceDetector
+from streamgpen.config import DetectorConfig, EnhancerConfig, FaceConfig, ModelConfig, value_of
 from streamgpen.errors import UserError
-from streamgpen.runtime import IDENTITY, Identity, Restorer, resolve_device
+from streamgpen.faces.align import paste_faces, similarity_transform, template, warp_faces
+from streamgpen.faces.clahe import clahe_luminance
+from streamgpen.faces.detect import DEFAULT_DET_SIZE, FaceDetector
+from streamgpen.faces.types import Face, FaceBatch, nearest_to_center
+from streamgpen.models import weights
+from streamgpen.runtime.device import as_device
+from streamgpen.runtime.restorer import IDENTITY, Identity, Restorer
 
 GPEN_MODELS = ("GPEN-BFR-512", "GPEN-BFR-256", "GPEN-BFR-1024")
 DETECTORS = ("retinaface_resnet50", "retinaface_mobile0.25")
-
-
-@dataclass
-class FaceBatch:
-    """The faces of a batch of frames, aligned: what the restorer consumes and the pasting needs.
-
-    ``frame_index`` [N] says which frame each face belongs to; ``matrices`` [N, 2, 3] map frame
-    pixels to crop pixels; ``crops`` [N, 3, S, S] are RGB in [-1, 1].
-    """
-
-    faces: list[Face]
-    frame_index: torch.Tensor
-    matrices: torch.Tensor
-    crops: torch.Tensor
-    restored: torch.Tensor | None = None
 
 
 @dataclass
@@ -54,29 +42,32 @@ class EnhanceResult:
 
 
 def build_restorer(
-    model: str = "GPEN-BFR-512",
-    model_path: Path | None = None,
+    config: ModelConfig = ModelConfig(),
     device: torch.device | str | None = None,
     weights_dir: Path | None = None,
-    batch_size: int = 8,
-    precision: str = "auto",
-    compile: bool = False,
+    *,
+    progress: bool = True,
 ) -> Restorer:
-    """The restorer for ``--model``/``--model-path``; weights are fetched on first use.
-
-    ``precision`` and ``compile`` are :class:`~streamgpen.runtime.Restorer`'s.
-    """
-    device = resolve_device(device) if not isinstance(device, torch.device) else device
-    if model_path is not None:
-        network = weights.load_gpen(Path(model_path), device="cpu")
-    elif model == IDENTITY:
+    """The restorer for ``--model``/``--model-path``; weights are fetched on first use."""
+    device = as_device(device)
+    name = value_of(config.name)
+    if config.path is not None:
+        network = weights.load_gpen(Path(config.path), device="cpu")
+    elif name == IDENTITY:
         network = Identity()
-    elif model in GPEN_MODELS:
-        network = weights.load_gpen(weights.ensure(model, weights.weights_dir(weights_dir)))
+    elif name in GPEN_MODELS:
+        path = weights.ensure(name, weights.weights_dir(weights_dir), progress=progress)
+        network = weights.load_gpen(path)
     else:
         choices = ", ".join((*GPEN_MODELS, IDENTITY))
-        raise UserError(f"unknown model {model!r} (choose {choices}, or --model-path FILE)")
-    return Restorer(network, device, batch_size, precision=precision, compile=compile)
+        raise UserError(f"unknown model {name!r} (choose {choices}, or --model-path FILE)")
+    return Restorer(
+        network,
+        device,
+        config.batch_size,
+        precision=value_of(config.precision),
+        compile=config.compile,
+    )
 
 
 def build_detector(
@@ -86,14 +77,25 @@ def build_detector(
     det_size: int = DEFAULT_DET_SIZE,
     threshold: float = 0.9,
     min_face: int = 10,
+    *,
+    progress: bool = True,
 ) -> FaceDetector:
     """The RetinaFace detector for ``--detector``, its weights from the weights directory."""
+    name = value_of(name)
     if name not in DETECTORS:
         raise UserError(f"unknown detector {name!r} (choose {', '.join(DETECTORS)})")
-    device = resolve_device(device) if not isinstance(device, torch.device) else device
-    path = weights.ensure(name, weights.weights_dir(weights_dir))
+    path = weights.ensure(name, weights.weights_dir(weights_dir), progress=progress)
     spec = weights.MODELS[name]
-    return FaceDetector(spec.network_name, path, device, det_size, threshold, min_face)
+    return FaceDetector(spec.network_name, path, as_device(device), det_size, threshold, min_face)
+
+
+def required_weights(config: EnhancerConfig) -> list[str]:
+    """The weights files (by model name) that building ``config``'s enhancer will load."""
+    names = [value_of(config.detector.name)]
+    model = value_of(config.model.name)
+    if config.model.path is None and model in GPEN_MODELS:
+        names.insert(0, model)
+    return names
 
 
 class Enhancer:
@@ -101,6 +103,8 @@ class Enhancer:
 
     ``blend`` mixes restored and original faces (1: fully restored); ``clahe`` equalises each
     crop's luminance before the model; ``only_center_face`` keeps the face nearest the centre.
+    The keywords are those of :class:`~streamgpen.config.EnhancerConfig`'s tree, flattened;
+    :meth:`from_config` takes the tree itself. ``restorer``/``face_detector`` supply ready ones.
     """
 
     def __init__(
@@ -122,21 +126,63 @@ class Enhancer:
         only_center_face: bool = False,
         restorer: Restorer | None = None,
         face_detector: FaceDetector | None = None,
+        progress: bool = True,
     ):
-        if not 0.0 <= blend <= 1.0:
-            raise UserError(f"--blend must be in [0, 1], not {blend}")
-        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
-        self.restorer = restorer or build_restorer(
-            model, model_path, self.device, weights_dir, batch_size, precision, compile
+        config = EnhancerConfig(
+            model=ModelConfig(
+                name=model,
+                path=model_path,
+                precision=precision,
+                compile=compile,
+                batch_size=batch_size,
+            ),
+            detector=DetectorConfig(
+                name=detector, det_size=det_size, threshold=det_threshold, min_face=min_face
+            ),
+            faces=FaceConfig(blend=blend, clahe=clahe, only_center_face=only_center_face),
+            device="auto" if device is None else str(device),
+            weights_dir=weights_dir,
         )
+        self._build(config, restorer, face_detector, progress)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: EnhancerConfig,
+        *,
+        restorer: Restorer | None = None,
+        face_detector: FaceDetector | None = None,
+        progress: bool = True,
+    ) -> Enhancer:
+        """An enhancer for a configuration tree (what the CLI builds)."""
+        enhancer = cls.__new__(cls)
+        enhancer._build(config, restorer, face_detector, progress)
+        return enhancer
+
+    def _build(self, config, restorer, face_detector, progress: bool) -> None:
+        faces = config.faces
+        if not 0.0 <= faces.blend <= 1.0:
+            raise UserError(f"--blend must be in [0, 1], not {faces.blend}")
+        self.config = config
+        self.device = as_device(config.device)
+        self.restorer = restorer or build_restorer(
+            config.model, self.device, config.weights_dir, progress=progress
+        )
+        det = config.detector
         self.detector = face_detector or build_detector(
-            detector, self.device, weights_dir, det_size, det_threshold, min_face
+            det.name,
+            self.device,
+            config.weights_dir,
+            det.det_size,
+            det.threshold,
+            det.min_face,
+            progress=progress,
         )
         self.size = self.restorer.size
         self.template = template(self.size).to(self.device)
-        self.blend = blend
-        self.clahe = clahe
-        self.only_center_face = only_center_face
+        self.blend = faces.blend
+        self.clahe = faces.clahe
+        self.only_center_face = faces.only_center_face
 
     def warmup(self, height: int = 720, width: int = 1280) -> None:
         """Run every stage once at start-up (CUDA graph capture, cuDNN autotuning), so the first
@@ -225,24 +271,21 @@ class Enhancer:
         batch.restored = self.restorer(crops)
         return batch
 
-    def paste(self, frames: torch.Tensor, batch: FaceBatch) -> torch.Tensor:
-        """Blend the restored faces back into their frames."""
+    def paste(
+        self, frames: torch.Tensor, batch: FaceBatch, blend: float | None = None
+    ) -> torch.Tensor:
+        """Blend the restored faces back into their frames (``blend``: this call's, else the
+        configured one)."""
         if not batch.faces:
             return frames
         restored = (batch.restored.float() + 1) / 2
-        return paste_faces(frames, restored, batch.matrices, batch.frame_index, self.blend)
+        blend = self.blend if blend is None else blend
+        return paste_faces(frames, restored, batch.matrices, batch.frame_index, blend)
 
 
 def _center_face(faces: list[Face], width: int, height: int) -> list[Face]:
-    if not faces:
-        return faces
-    centre = np.array([width / 2, height / 2])
-
-    def distance(face: Face) -> float:
-        box = face.box
-        return float(np.hypot(*((box[:2] + box[2:]) / 2 - centre)))
-
-    return [min(faces, key=distance)]
+    index = nearest_to_center(faces, width, height)
+    return [] if index is None else [faces[index]]
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -51,6 +51,6 @@ def weights_dir(shared_dir: Path, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def detector(shared_dir: Path):
     """The real mobilenet0.25 RetinaFace on the CPU, shared by the test modules."""
-    from streamgpen.detect import FaceDetector
+    from streamgpen.faces.detect import FaceDetector
 
     return FaceDetector("mobile0.25", shared_dir / "weights" / MOBILENET)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from streamgpen.align import (
+from streamgpen.faces.align import (
     TEMPLATE_512,
     affine_scale,
     invert_affine,

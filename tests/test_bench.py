@@ -8,13 +8,14 @@ import pytest
 import torch
 from rich.table import Table
 
-from streamgpen.bench import (
+from streamgpen.apps.bench import (
     FLOPS_PER_FACE,
     Timing,
     format_report,
     median_seconds,
     run_bench,
 )
+from streamgpen.errors import UserError
 
 REQUIRED = {
     "device",
@@ -67,7 +68,8 @@ def test_quick_cpu_bench_writes_a_complete_report(tmp_path):
 
 
 def test_unknown_model_is_refused():
-    with pytest.raises(ValueError, match="unknown model"):
+    # A user's mistake: one line from the CLI (it was a ValueError and a traceback).
+    with pytest.raises(UserError, match="unknown model"):
         run_bench("cpu", ["GPEN-BFR-128"], [1], quick=True, json_path=None, pipeline_frames=0)
 
 
@@ -83,7 +85,7 @@ def test_end_to_end_benchmark_runs_the_real_pipeline(shared_dir, tmp_path):
     weights_dir.mkdir()
     name = "detection_mobilenet0.25_Final.pth"
     (weights_dir / name).write_bytes((shared_dir / "weights" / name).read_bytes())
-    from streamgpen.bench_pipeline import bench_pipeline
+    from streamgpen.apps.bench_pipeline import bench_pipeline
 
     trace = tmp_path / "trace.json"
     rows = bench_pipeline(

@@ -13,14 +13,15 @@ import pytest
 import torch
 from av.video.reformatter import ColorRange, Colorspace
 
-from streamgpen.color import is_full_range, yuv420_to_rgb
 from streamgpen.enhancer import Enhancer
-from streamgpen.io.sinks import open_sink
-from streamgpen.io.video import open_source
-from streamgpen.pipeline import VideoOptions, VideoPipeline
-from streamgpen.runtime import Identity, Restorer
-from streamgpen.track import Tracker
-from streamgpen.transfer import Downloader, Uploader
+from streamgpen.faces.track import Tracker
+from streamgpen.media.planes import host_planes
+from streamgpen.media.sinks import open_sink
+from streamgpen.media.video import open_source
+from streamgpen.pipeline.build import video_pipeline
+from streamgpen.runtime.color import is_full_range, yuv420_to_rgb
+from streamgpen.runtime.restorer import Identity, Restorer
+from streamgpen.runtime.transfer import Downloader, Uploader
 
 CPU = torch.device("cpu")
 SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "solvay_pan.mp4"
@@ -106,7 +107,7 @@ def test_uploaded_frames_equal_the_swscale_image(tmp_path, pix_fmt, size, rotati
     upload = Uploader(CPU, yuv_on_device=True)
     with open_source(str(path)) as source:
         for frame in source:
-            pixels = upload(frame)
+            pixels = upload(host_planes(frame, yuv=upload.yuv_on_device))
             assert pixels.yuv == on_device and pixels.ready is None
             ours, by_swscale = to_float(pixels.rgb()), frame.image.astype(float)
             assert ours.shape == by_swscale.shape == upright.shape
@@ -147,9 +148,12 @@ def test_clip_through_the_pipeline_with_colour_on_the_device(detector, tmp_path)
     tinted_sample_clip(clip)
     enhancer = Enhancer(restorer=Restorer(Identity(), CPU), face_detector=detector, device=CPU)
     with open_source(str(clip)) as source:
-        options = VideoOptions(yuv_on_device=True)
-        pipeline = VideoPipeline(
-            source, open_sink(f"{out}/", source), enhancer, Tracker(detector), options
+        pipeline = video_pipeline(
+            source=source,
+            sink=open_sink(f"{out}/", source),
+            enhancer=enhancer,
+            tracker=Tracker(detector),
+            yuv_on_device=True,
         )
         stats = pipeline.run()
     assert stats.frames_out == 10 and stats.faces >= 10 * 10

@@ -18,14 +18,15 @@ import torch
 from test_color import colour_pattern, tinted_sample_clip, write_clip
 
 from streamgpen.enhancer import Enhancer
-from streamgpen.io.sinks import open_sink
-from streamgpen.io.video import open_source
+from streamgpen.faces.track import Tracker
+from streamgpen.media.planes import host_planes
+from streamgpen.media.sinks import open_sink
+from streamgpen.media.video import open_source
 from streamgpen.models.gpen import GPEN
-from streamgpen.pipeline import VideoOptions, VideoPipeline
-from streamgpen.runtime import Identity, Restorer
-from streamgpen.track import Tracker
-from streamgpen.transfer import Downloader, Uploader
-from streamgpen.weights import MODELS
+from streamgpen.models.weights import MODELS
+from streamgpen.pipeline.build import video_pipeline
+from streamgpen.runtime.restorer import Identity, Restorer
+from streamgpen.runtime.transfer import Downloader, Uploader
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none): run it on one"
@@ -95,9 +96,11 @@ def test_uploads_and_downloads_on_streams_equal_the_cpu_path(tmp_path):
     on_gpu, on_cpu = Uploader(CUDA), Uploader(CPU, yuv_on_device=True)
     with open_source(str(clip)) as source:
         for frame in source:
-            pixels = on_gpu(frame)
+            pixels = on_gpu(host_planes(frame, yuv=True))
             assert pixels.yuv and pixels.ready is not None
-            assert torch.allclose(pixels.rgb().cpu(), on_cpu(frame).rgb(), atol=1e-5)
+            assert torch.allclose(
+                pixels.rgb().cpu(), on_cpu(host_planes(frame, yuv=True)).rgb(), atol=1e-5
+            )
     frames = torch.rand(3, 3, 64, 96, device=CUDA)
     downloaded = [image.get() for image in Downloader(CUDA)(frames)]
     expected = [image.get() for image in Downloader(CPU)(frames.cpu())]
@@ -110,18 +113,18 @@ def run_identity_pipeline(device: torch.device, detector_factory, clip, out) -> 
         restorer=Restorer(Identity(), device), face_detector=detector, device=device
     )
     with open_source(str(clip)) as source:
-        pipeline = VideoPipeline(
-            source,
-            open_sink(f"{out}/", source),
-            enhancer,
-            Tracker(detector),
-            VideoOptions(yuv_on_device=True),
+        pipeline = video_pipeline(
+            source=source,
+            sink=open_sink(f"{out}/", source),
+            enhancer=enhancer,
+            tracker=Tracker(detector),
+            yuv_on_device=True,
         )
         assert pipeline.run().frames_out == 10
 
 
 def test_pipeline_on_cuda_matches_the_cpu(shared_dir, tmp_path):
-    from streamgpen.detect import FaceDetector
+    from streamgpen.faces.detect import FaceDetector
 
     def detector(device):
         weights = shared_dir / "weights" / "detection_mobilenet0.25_Final.pth"

@@ -1,5 +1,6 @@
 """Face detection: the real RetinaFace mobilenet0.25 weights on the real Solvay conference photo."""
 
+import random
 from pathlib import Path
 
 import cv2
@@ -8,11 +9,14 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from streamgpen.detect import Face, FaceDetector
 from streamgpen.errors import UserError
+from streamgpen.faces.detect import FaceDetector
+from streamgpen.faces.types import Face
+from streamgpen.models import weights
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SOLVAY_FACES = 29
+MOBILENET = "detection_mobilenet0.25_Final.pth"
 
 
 def shared(relative: str) -> Path:
@@ -110,6 +114,65 @@ def test_rejects_wrong_layouts(detector):
 def test_missing_weights_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="weights not found"):
         FaceDetector("mobile0.25", tmp_path / "absent.pth")
+
+
+class Payload:
+    """Pickles as a call to open(marker, 'w'): loading it unsafely creates the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def faulty_detector_file(fault: str, path: Path, tmp_path: Path) -> str:
+    """Write a broken stand-in for the mobilenet weights at ``path``; the reason it is refused."""
+    real = shared(f"weights/{MOBILENET}").read_bytes()
+    if fault == "corrupt":
+        path.write_bytes(random.Random(0).randbytes(len(real)))
+        return "not a PyTorch checkpoint"
+    if fault == "truncated":
+        path.write_bytes(real[: len(real) // 2])
+        return "truncated or corrupt"
+    if fault == "pickled-code":
+        torch.save({"weight": torch.zeros(2), "payload": Payload(tmp_path / "marker")}, path)
+        return "refused: it contains pickled code (io.open)"
+    state = weights.load_state_dict(shared(f"weights/{MOBILENET}"))
+    if fault == "nan":
+        state["body.stage1.0.0.weight"] = torch.full_like(state["body.stage1.0.0.weight"], np.nan)
+        torch.save(state, path)
+        return "body.stage1.0.0.weight holds NaN or infinite values"
+    # wrong-architecture: the same network with one layer of another width
+    state["ClassHead.0.conv1x1.bias"] = torch.zeros(6)
+    torch.save(state, path)
+    return "not a retinaface_mobile0.25 checkpoint (ClassHead.0.conv1x1.bias has shape [6]"
+
+
+@pytest.mark.parametrize(
+    "fault", ["corrupt", "truncated", "pickled-code", "nan", "wrong-architecture"]
+)
+def test_faulty_detector_file_is_one_line_naming_file_and_remedy(fault, tmp_path):
+    path = tmp_path / MOBILENET
+    reason = faulty_detector_file(fault, path, tmp_path)
+    with pytest.raises(UserError) as refused:
+        FaceDetector("mobile0.25", path)
+    message = str(refused.value)
+    url = weights.source_url(weights.MODELS["retinaface_mobile0.25"])
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert reason in message
+    assert message.endswith(f"; replace it with {MOBILENET} (download it from {url})")
+    assert not (tmp_path / "marker").exists()
+
+
+def test_other_networks_weights_are_refused_by_name(tmp_path):
+    # The mobilenet file given for the ResNet-50 network: was a RuntimeError from load_state_dict.
+    path = shared(f"weights/{MOBILENET}")
+    with pytest.raises(UserError) as refused:
+        FaceDetector("resnet50", path)
+    message = str(refused.value)
+    assert message.startswith(f"{path}: not a retinaface_resnet50 checkpoint (")
+    assert "replace it with detection_Resnet50_Final.pth" in message
 
 
 def test_the_detector_runs_without_cudnn_autotuning(detector):

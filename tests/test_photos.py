@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from streamgpen.align import paste_alpha, similarity_transform, template
 from streamgpen.enhancer import Enhancer
-from streamgpen.runtime import Identity, Restorer
+from streamgpen.faces.align import paste_alpha, similarity_transform, template
+from streamgpen.runtime.restorer import Identity, Restorer
 
 MOBILENET = "detection_mobilenet0.25_Final.pth"
 
@@ -218,7 +218,7 @@ def test_exif_orientation_is_honoured(solvay, identity_enhancer, tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways: viewers rotate it 90 degrees clockwise
     photo.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif, quality=95)
-    from streamgpen.io.images import read_photo
+    from streamgpen.media.images import read_photo
 
     upright = read_photo(path).color
     assert upright.shape[:2] == (284, 664)
@@ -253,7 +253,7 @@ def make_jpeg_folder(root: Path, solvay: Path) -> None:
 
 
 def test_folder_decoded_by_torchvision_matches_cv2(solvay, identity_enhancer, tmp_path, capsys):
-    from streamgpen.photos import PhotoOptions, enhance_photos, plan_outputs
+    from streamgpen.apps.photos import PhotoOptions, enhance_photos, plan_outputs
 
     make_jpeg_folder(tmp_path / "in", solvay)
     summaries = {}
@@ -306,7 +306,7 @@ def test_ctrl_c_in_a_folder_run_leaves_no_partial_files(solvay, weights_dir, tmp
 
 
 def test_aligned_photos_go_straight_through_the_model(solvay, identity_enhancer, tmp_path):
-    from streamgpen.photos import PhotoOptions, enhance_photos, plan_outputs
+    from streamgpen.apps.photos import PhotoOptions, enhance_photos, plan_outputs
 
     face = cv2.imread(str(solvay))[60:124, 40:104]  # 64x64: as a small aligned crop would be
     (tmp_path / "in").mkdir()

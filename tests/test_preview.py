@@ -1,5 +1,5 @@
-"""The live preview server, for real: HTTP API, MJPEG streams, a stalled viewer, tokens, and the
-page in a headless Chromium.
+"""The live preview server, for real: binding, HTTP API, MJPEG streams, a stalled viewer, the
+limits on connections and streams, tokens, and the page in a headless Chromium.
 
 Every test runs a ``PreviewServer`` on port 0 fed by a thread that publishes synthetic frames
 (a moving gradient with noise and a counter; the "enhanced" frame is a recoloured view of it) at
@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import importlib.resources
 import itertools
 import json
 import math
 import os
+import re
+import select
 import socket
 import threading
 import time
@@ -27,10 +30,14 @@ import pytest
 from browser import APT_PACKAGES, BrowserError, HeadlessChromium, find_chromium
 from sockreader import SocketReader
 
-from streamgpen.preview import (
+from streamgpen.errors import UserError
+from streamgpen.pipeline.packet import Controls
+from streamgpen.preview.handler import REQUEST_DEADLINE_S
+from streamgpen.preview.server import (
     MAX_BODY_BYTES,
+    MAX_CONNECTIONS,
+    MAX_STREAMS,
     STATS_KEYS,
-    Controls,
     PreviewServer,
     is_loopback,
     parse_bind,
@@ -293,20 +300,33 @@ def test_parse_bind_and_loopback():
 
 
 def test_controls_validate_all_or_nothing():
-    controls = Controls()
-    assert controls.snapshot() == {"enhance": True, "blend": 1.0, "overlay": False}
-    assert controls.update({"blend": 0, "overlay": True})["blend"] == 0.0
+    # The server holds the pipeline's frozen Controls; update_controls() replaces the snapshot.
+    server = PreviewServer("127.0.0.1", 0)
+    assert server.controls == Controls()
+    assert server.controls.as_dict() == {"enhance": True, "blend": 1.0, "overlay": False}
+    assert server.update_controls({"blend": 0, "overlay": True}).blend == 0.0
     for bad in (
         {"blend": 1.5},
         {"blend": True},
         {"blend": float("nan")},
+        {"blend": 10**400},
         {"enhance": 1},
         {"colour": "red"},
         {"enhance": False, "blend": -1},
     ):
         with pytest.raises(ValueError):
-            controls.update(bad)
-    assert controls.snapshot() == {"enhance": True, "blend": 0.0, "overlay": True}
+            server.update_controls(bad)
+    assert server.controls.as_dict() == {"enhance": True, "blend": 0.0, "overlay": True}
+
+
+def test_the_runs_own_controls_are_the_first_snapshot():
+    # Was: `--blend 0.3 --preview PORT` ran at blend 1.0, the preview's own defaults.
+    server = PreviewServer("127.0.0.1", 0, controls=Controls(blend=0.3, overlay=True))
+    with server, Publisher(server):
+        assert server.controls == Controls(blend=0.3, overlay=True)
+        status, _, body = request(server.port, "GET", "/controls")
+        assert status == 200
+        assert strict_json(body) == {"enhance": True, "blend": 0.3, "overlay": True}
 
 
 def test_token_rules():
@@ -332,10 +352,54 @@ def test_publish_rejects_non_rgb():
             server.publish(bad, good, {})
 
 
+def test_bind_errors_are_one_line_user_errors():
+    # Was: a traceback from socketserver (OSError / socket.gaierror) out of start().
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = PreviewServer("127.0.0.1", port)
+        with pytest.raises(UserError) as caught:
+            server.bind()
+        assert str(caught.value) == f"--preview 127.0.0.1:{port}: port in use"
+        with pytest.raises(UserError, match=r"port in use$"):
+            server.start()  # start() binds when bind() was not called
+        server.stop()  # nothing bound, nothing to do
+    with pytest.raises(UserError) as caught:
+        PreviewServer("no-such-host.invalid", 8765).bind()
+    message = str(caught.value)
+    assert (
+        message == "--preview no-such-host.invalid:8765: cannot resolve host no-such-host.invalid"
+    )
+    assert "\n" not in message
+
+
+def test_bind_early_then_start():
+    # The app binds first thing (errors before GPEN warms up) and serves later; a request that
+    # arrives in between waits in the backlog and is answered once the server starts.
+    server = PreviewServer("127.0.0.1", 0).bind()
+    try:
+        port = server.port
+        assert port != 0 and server.url == f"http://127.0.0.1:{port}/"
+        assert server.bind() is server  # idempotent
+        with pytest.raises(UserError, match=rf"^--preview 127\.0\.0\.1:{port}: port in use$"):
+            PreviewServer("127.0.0.1", port).bind()
+        answers: list = []
+        early = threading.Thread(target=lambda: answers.append(request(port, "GET", "/controls")))
+        early.start()
+        server.start()
+        early.join(TIMEOUT_S)
+        assert answers and answers[0][0] == 200
+        assert strict_json(answers[0][2]) == Controls().as_dict()
+    finally:
+        server.stop()
+    assert server.viewers == 0 and server.connections == 0
+
+
 # --- HTTP --------------------------------------------------------------------------------------
 
 
-def test_http_page_stats_controls_and_404s():
+def test_http_page_and_stats():
     with serving() as (server, publisher):
         port = server.port
         status, headers, body = request(port, "GET", "/")
@@ -354,6 +418,10 @@ def test_http_page_stats_controls_and_404s():
         assert stats["unknown"] is None and stats["gpu_mem"] == 1.5
         assert stats["published"] >= 2 and stats["viewers"] == 0
 
+
+def test_http_controls():
+    with serving() as (server, _):
+        port = server.port
         status, _, body = request(port, "GET", "/controls")
         assert status == 200
         assert strict_json(body) == {"enhance": True, "blend": 1.0, "overlay": False}
@@ -383,7 +451,7 @@ def test_http_page_stats_controls_and_404s():
             status, _, body = post_controls(port, bad)
             assert status == 400, bad
             assert "error" in strict_json(body)
-        assert server.controls.snapshot() == wanted | {"blend": 0.5}
+        assert server.controls.as_dict() == wanted | {"blend": 0.5}
         status, _, _ = request(
             port, "POST", "/controls", b'{"blend": 0}', {"Content-Type": "text/plain"}
         )
@@ -391,6 +459,10 @@ def test_http_page_stats_controls_and_404s():
         status, _, _ = post_controls(port, b" " * (MAX_BODY_BYTES + 1))
         assert status == 413
 
+
+def test_http_404s_and_methods():
+    with serving() as (server, _):
+        port = server.port
         for path in (
             "/nope",
             "/index.html",
@@ -410,6 +482,41 @@ def test_http_page_stats_controls_and_404s():
         assert request(port, "DELETE", "/controls")[0] == 405
         status, _, body = request(port, "HEAD", "/")
         assert status == 405 and body == b""
+
+
+def test_page_is_package_data():
+    # Was: a Python string in server.py, so no .html file to ship or to read.
+    page = importlib.resources.files("streamgpen.preview").joinpath("page.html").read_bytes()
+    assert page.startswith(b"<!doctype html>") and b'id="stats"' in page
+    # Shipped in wheels: pyproject names it as package data (read as text: tomllib is 3.11+).
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    section = pyproject.split("[tool.setuptools.package-data]", 1)[1].split("\n[", 1)[0]
+    assert re.search(r'^streamgpen = \[.*"preview/\*\.html"', section, re.MULTILINE), section
+    with serving() as (server, _):
+        status, headers, body = request(server.port, "GET", "/")
+        assert status == 200 and headers.get_content_type() == "text/html"
+        assert body == page
+
+
+def test_huge_numbers_get_400():
+    # Was: {"blend": <400 digits>} raised OverflowError in the handler: no response at all.
+    with serving() as (server, _):
+        for body in (
+            json.dumps({"blend": 10**400}).encode(),
+            b'{"blend": ' + b"9" * 4000 + b"}",
+            b'{"enhance": false, "blend": 1' + b"0" * 400 + b"}",
+            b'{"blend": 1e999}',
+            b'{"blend": -1e999}',
+            b'{"blend": NaN}',
+            b'{"blend": Infinity}',
+        ):
+            assert len(body) <= MAX_BODY_BYTES
+            status, headers, reply = post_controls(server.port, body)
+            assert status == 400, body[:40]
+            assert headers.get_content_type() == "application/json"
+            assert strict_json(reply)["error"]
+        assert server.controls == Controls()
+        assert post_controls(server.port, {"blend": 0.5})[0] == 200  # the server is fine
 
 
 # --- MJPEG -------------------------------------------------------------------------------------
@@ -513,6 +620,128 @@ def test_stop_cuts_a_stalled_stream():
         finally:
             stalled.close()
             server.stop()
+
+
+# --- limits ------------------------------------------------------------------------------------
+
+
+def first_frames(port: int, count: int, deadline: float) -> MjpegClient:
+    """A viewer that retries a 503 every 0.2 s (the page retries after 1 s) until it has
+    ``count`` frames; returns it, still open."""
+    while time.monotonic() < deadline:
+        client = MjpegClient(port, "/stream/original.mjpg")
+        if client.read_head() == 200:
+            for _ in range(count):
+                client.next_part()
+            return client
+        client.close()
+        time.sleep(0.2)
+    pytest.fail("the viewer got no slot")
+
+
+def test_viewers_that_never_read_yield_their_slots():
+    # Was: MAX_STREAMS viewers that never read kept every slot for ~30 s (the write timeout);
+    # a real viewer got 503 meanwhile. Now a stream whose send has been blocked for a second
+    # gives its slot to a new viewer. Measured here (default socket buffers, 320x240 at 25 fps):
+    # the real viewer has its first 5 frames ~1.8 s after the hogs took every slot (their
+    # buffers fill in ~0.8 s, then a second blocked; 4 runs); the bound is TIMEOUT_S.
+    with serving() as (server, _):
+        hogs = [MjpegClient(server.port, "/stream/original.mjpg") for _ in range(MAX_STREAMS)]
+        try:
+            wait_until(lambda: server.viewers == MAX_STREAMS, "the hogs to take every slot")
+            started = time.monotonic()
+            viewer = first_frames(server.port, 5, started + TIMEOUT_S)
+            with viewer:
+                waited = time.monotonic() - started
+                assert server.viewers <= MAX_STREAMS
+                # Once in, a viewer that reads keeps its slot and its frames keep coming.
+                seqs = [viewer.next_part()[0] for _ in range(10)]
+                assert seqs == sorted(set(seqs))
+            print(f"a real viewer had 5 frames {waited:.2f} s after {MAX_STREAMS} hogs")
+        finally:
+            for hog in hogs:
+                hog.close()
+
+
+class ThreadPeak:
+    """The most threads beyond ``baseline`` (and this sampler) seen until ``stop()``."""
+
+    def __init__(self, baseline: int):
+        self.baseline = baseline
+        self.extra = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="test-thread-peak", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.0005):
+            self.extra = max(self.extra, threading.active_count() - self.baseline - 1)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(timeout=TIMEOUT_S)
+        return self.extra
+
+
+def test_half_sent_requests_neither_pin_threads_nor_lock_out_a_request():
+    # Was: a thread per connection with no cap, each waiting 30 s per read: 3 * MAX_CONNECTIONS
+    # half-sent requests made as many threads. Measured: at most MAX_CONNECTIONS + 2 extra
+    # threads (displaced ones take a moment to end; sampled every 0.5 ms), settling at
+    # MAX_CONNECTIONS; GET /stats answers in ~0.02 s; the slow connections are all closed
+    # REQUEST_DEADLINE_S (5.0 s) after they were accepted.
+    with serving() as (server, _):
+        baseline = threading.active_count()
+        peak = ThreadPeak(baseline)
+        slow = []
+        try:
+            for _ in range(3 * MAX_CONNECTIONS):
+                sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT_S)
+                sock.sendall(b"GET /stats HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+                slow.append(sock)
+            started = time.monotonic()
+            status, _, body = request(server.port, "GET", "/stats")
+            answered = time.monotonic() - started
+            assert status == 200 and strict_json(body)["published"] > 0
+            assert peak.stop() <= MAX_CONNECTIONS + 16, peak.extra
+            wait_until(
+                lambda: threading.active_count() - baseline <= MAX_CONNECTIONS,
+                "the displaced connections' threads to end",
+            )
+            assert server.connections <= MAX_CONNECTIONS
+            for sock in slow:  # each is closed by the server: EOF or a reset, not a timeout
+                with contextlib.suppress(ConnectionResetError):
+                    assert sock.recv(1) == b""
+            closed_after = time.monotonic() - started
+            assert closed_after <= REQUEST_DEADLINE_S + TIMEOUT_S
+            print(f"/stats in {answered:.3f} s; slow ones closed after {closed_after:.1f} s")
+        finally:
+            peak.stop()
+            for sock in slow:
+                sock.close()
+
+
+def test_request_deadline_cuts_a_trickling_client():
+    # Was: every byte reset the 30 s read timeout, so a byte every 0.3 s held a thread forever.
+    # Measured: cut 5.0-5.5 s after connecting (the deadline, checked twice a second).
+    with serving() as (server, _):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT_S)
+        started = time.monotonic()
+        try:
+            sock.sendall(b"GET /stats HTTP/1.1\r\n")
+            cut_after = None
+            while cut_after is None and time.monotonic() - started < 2 * TIMEOUT_S:
+                if select.select([sock], [], [], 0.3)[0]:
+                    with contextlib.suppress(ConnectionResetError):
+                        assert sock.recv(1) == b""  # no response: the request never ended
+                    cut_after = time.monotonic() - started
+                else:
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                        sock.sendall(b"X")
+            assert cut_after is not None, "the trickling client was never cut"
+            assert cut_after >= REQUEST_DEADLINE_S - 0.1, cut_after
+            print(f"the trickling client was cut after {cut_after:.2f} s")
+        finally:
+            sock.close()
 
 
 # --- tokens ------------------------------------------------------------------------------------

@@ -14,15 +14,15 @@ import torch
 
 from streamgpen.errors import UserError
 from streamgpen.models.gpen import GPEN, ModulatedConv2d
-from streamgpen.runtime import (
+from streamgpen.models.weights import MODELS
+from streamgpen.runtime.device import resolve_precision
+from streamgpen.runtime.restorer import (
     Identity,
     Restorer,
     StaticBatch,
     bucket_for,
     bucket_sizes,
-    resolve_precision,
 )
-from streamgpen.weights import MODELS
 
 CPU = torch.device("cpu")
 # Measured on the tiny fixture (4 seeds of uniform random faces): bf16 47.5-49.6 dB, fp16 67-68 dB;

@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 import torch
 
-from streamgpen.detect import Face, FaceDetector
-from streamgpen.track import TrackedFace, Tracker
+from streamgpen.faces.detect import FaceDetector
+from streamgpen.faces.track import Tracker
+from streamgpen.faces.types import Face, TrackedFace
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FPS = 25.0

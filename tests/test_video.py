@@ -19,7 +19,7 @@ import torch
 from probe import ffprobe
 from rtsp_server import RtspServer
 
-from streamgpen.track import Tracker
+from streamgpen.faces.track import Tracker
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "samples" / "solvay_pan.mp4"

@@ -21,8 +21,8 @@ from probe import ffprobe
 from rtsp_server import RtspServer, free_port, make_test_clip
 
 from streamgpen.errors import UserError
-from streamgpen.io.sinks import ImageDirSink, NullSink, open_sink
-from streamgpen.io.video import open_source
+from streamgpen.media.sinks import ImageDirSink, NullSink, open_sink
+from streamgpen.media.video import open_source
 
 
 def probe_streams(path: Path) -> list[dict]:
@@ -376,6 +376,33 @@ def test_interrupted_sink_leaves_a_playable_file_of_the_frames_written(tmp_path)
     assert len(ffprobe(out, "v:0", "frame=pts_time")) == 7
     audio_end = max(np.float64(ffprobe(out, "a:0", "packet=pts_time")))
     assert 0.1 < audio_end <= 7 / 25 + 0.05, "audio is cut where the video stops"
+
+
+def test_fragmented_mp4_keeps_every_video_and_audio_timestamp(tmp_path):
+    """x264 with B-frames (edit list for the video's delay) and copied AAC (priming, pts < 0):
+    ffprobe reads the source's frame and packet times exactly in the fragmented output."""
+    src, out = tmp_path / "av.mp4", tmp_path / "out.mp4"
+    make_test_clip(src, seconds=1.0, fps=25, size=(64, 48), audio=True)
+    source = open_source(str(src))
+    with source, open_sink(str(out), source, preset="veryfast") as sink:
+        for frame in source:
+            sink.write(frame, frame.image)
+    assert b"moof" in out.read_bytes()[:200_000], "the output is fragmented"
+    assert ffprobe(out, "v:0", "frame=pts_time") == ffprobe(src, "v:0", "frame=pts_time")
+    assert ffprobe(out, "a:0", "packet=pts_time") == ffprobe(src, "a:0", "packet=pts_time")
+    assert ffprobe(src, "a:0", "packet=pts_time")[0] == "-0.021333"
+    assert int(ffprobe(out, "v:0", "stream=has_b_frames")[0]) > 0
+
+
+def test_fragmented_mp4_keeps_variable_frame_rate_pts(tmp_path):
+    src, out = tmp_path / "vfr.mkv", tmp_path / "out.mp4"
+    pts_ms = [0, 40, 120, 160, 280, 300, 440, 480, 520, 800]
+    write_clip(src, len(pts_ms), pts=pts_ms, time_base=Fraction(1, 1000))
+    source = open_source(str(src))
+    with source, open_sink(str(out), source, codec="ffv1") as sink:
+        for frame in source:
+            sink.write(frame, frame.image)
+    assert ffprobe(out, "v:0", "frame=pts_time") == ffprobe(src, "v:0", "frame=pts_time")
 
 
 def test_sink_closed_without_frames_leaves_nothing(tmp_path):

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamgpen import weights
 from streamgpen.errors import UserError
+from streamgpen.models import weights
 from streamgpen.models.gpen import GPENConfig, expected_shapes
-from streamgpen.weights import ModelSpec
+from streamgpen.models.weights import ModelSpec
 
 TINY_SPEC = ModelSpec(
     "tiny-gpen",

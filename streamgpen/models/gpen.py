@@ -53,6 +53,7 @@ def channel_table(channel_multiplier: float, narrow: float) -> dict[int, int]:
         256: int(64 * channel_multiplier * narrow),
         512: int(32 * channel_multiplier * narrow),
         1024: int(16 * channel_multiplier * narrow),
+        2048: int(8 * channel_multiplier * narrow),
     }
 
 
@@ -445,11 +446,20 @@ def expected_shapes(config: GPENConfig) -> dict[str, tuple[int, ...]]:
 
 def shape_mismatch(config: GPENConfig, state_dict: Mapping[str, torch.Tensor]) -> str | None:
     """A one-line description of how ``state_dict`` differs from ``config``'s, or None."""
-    expected = expected_shapes(config)
+    return compare_shapes(expected_shapes(config), state_dict)
+
+
+def compare_shapes(
+    expected: Mapping[str, tuple[int, ...]], state_dict: Mapping[str, torch.Tensor]
+) -> str | None:
+    """How ``state_dict``'s keys and shapes differ from ``expected`` (one line), or None.
+
+    The one comparison behind every structure check, GPEN's and RetinaFace's alike.
+    """
     missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
     if missing:
         return f"{len(missing)} missing keys, e.g. {missing[0]}"
+    unexpected = [k for k in state_dict if k not in expected]
     if unexpected:
         return f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}"
     for k, shape in expected.items():

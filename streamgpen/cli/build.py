@@ -1,0 +1,172 @@
+"""From ``streamgpen enhance``'s parsed options to the :class:`~streamgpen.config.RunConfig`.
+
+:func:`run_config` takes the options by their parameter names; each ``*_config`` function below
+builds one part of the tree from the options it names and ignores the others. Values that are
+text on the command line (``--reconnect``, ``--input-size``, ``--preview``) are parsed here; a
+bad one is a UserError of one line. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from streamgpen.config import (
+    DetectorConfig,
+    DetectorName,
+    EnhancerConfig,
+    ExtrasConfig,
+    FaceConfig,
+    ModelConfig,
+    ModelName,
+    Precision,
+    PreviewConfig,
+    RtspTransport,
+    RunConfig,
+    SinkConfig,
+    SourceConfig,
+    VideoConfig,
+)
+from streamgpen.errors import UserError
+
+FOREVER = "forever"
+
+
+def run_config(*, source: str, output: str | None, quiet: bool, **options: Any) -> RunConfig:
+    """The RunConfig of one ``streamgpen enhance`` from its options (keyword arguments named as
+    ``enhance``'s parameters). ``output`` stays the string the user typed."""
+    return RunConfig(
+        input=source,
+        output=output,
+        enhancer=enhancer_config(**options),
+        video=video_config(**options),
+        extras=extras_config(**options),
+        preview=preview_config(**options),
+        quiet=quiet,
+    )
+
+
+def enhancer_config(*, device: str, weights_dir: Path | None, **options: Any) -> EnhancerConfig:
+    """Model, detector and per-face settings, the device and the weights directory."""
+    return EnhancerConfig(
+        model=model_config(**options),
+        detector=detector_config(**options),
+        faces=face_config(**options),
+        device=device,
+        weights_dir=weights_dir,
+    )
+
+
+def model_config(
+    *,
+    model: ModelName,
+    model_path: Path | None,
+    precision: Precision,
+    compile_: bool,
+    batch_size: int,
+    **_: Any,
+) -> ModelConfig:
+    """``--model``/``--model-path``, ``--precision``, ``--compile``, ``--batch-size``."""
+    return ModelConfig(
+        name=model, path=model_path, precision=precision, compile=compile_, batch_size=batch_size
+    )
+
+
+def detector_config(
+    *, detector: DetectorName, det_size: int, det_threshold: float, min_face: int, **_: Any
+) -> DetectorConfig:
+    """``--detector``, ``--det-size``, ``--det-threshold``, ``--min-face``."""
+    return DetectorConfig(
+        name=detector, det_size=det_size, threshold=det_threshold, min_face=min_face
+    )
+
+
+def face_config(
+    *, blend: float, clahe: bool, only_center_face: bool, aligned: bool, **_: Any
+) -> FaceConfig:
+    """``--blend``, ``--clahe``, ``--only-center-face``, ``--aligned``."""
+    return FaceConfig(blend=blend, clahe=clahe, only_center_face=only_center_face, aligned=aligned)
+
+
+def video_config(*, detect_every: int, **options: Any) -> VideoConfig:
+    """``--detect-every``, the source's and the encoder's options."""
+    return VideoConfig(
+        detect_every=detect_every, source=source_config(**options), sink=sink_config(**options)
+    )
+
+
+def source_config(
+    *,
+    realtime: bool,
+    reconnect: str,
+    rtsp_transport: RtspTransport,
+    timeout: float,
+    input_size: str | None,
+    input_fps: float | None,
+    **_: Any,
+) -> SourceConfig:
+    """How the video input is opened; ``--reconnect forever`` is -1."""
+    return SourceConfig(
+        realtime=realtime,
+        reconnect=parse_reconnect(reconnect),
+        rtsp_transport=rtsp_transport,
+        timeout=timeout,
+        input_size=parse_size(input_size),
+        input_fps=input_fps,
+    )
+
+
+def sink_config(*, codec: str, crf: int, preset: str, pix_fmt: str | None, **_: Any) -> SinkConfig:
+    """``--codec``, ``--crf``, ``--preset``, ``--pix-fmt``."""
+    return SinkConfig(codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt)
+
+
+def extras_config(
+    *, draw: bool, save_faces: Path | None, faces_json: Path | None, **_: Any
+) -> ExtrasConfig:
+    """``--draw``, ``--save-faces``, ``--faces-json``."""
+    return ExtrasConfig(draw=draw, save_faces=save_faces, faces_json=faces_json)
+
+
+def preview_config(
+    *, preview: str | None, preview_token: str | None, **_: Any
+) -> PreviewConfig | None:
+    """``--preview [HOST:]PORT`` and its token; None without ``--preview``."""
+    if preview is None:
+        if preview_token is not None:
+            raise UserError("--preview-token needs --preview [HOST:]PORT")
+        return None
+    # Imported here: the preview package imports cv2, which `--help` should not wait for.
+    from streamgpen.preview.server import parse_bind
+
+    try:
+        host, port = parse_bind(preview)
+    except ValueError as e:
+        raise UserError(f"--preview {preview}: {e}") from None
+    return PreviewConfig(host=host, port=port, token=preview_token)
+
+
+def parse_reconnect(value: str) -> int:
+    """``--reconnect N|forever``: N attempts, -1 for forever."""
+    if value == FOREVER:
+        return -1
+    try:
+        count = int(value)
+    except ValueError:
+        raise UserError(f"--reconnect takes a number or 'forever', not {value!r}") from None
+    if count < 0:
+        raise UserError("--reconnect must be >= 0 (or 'forever')")
+    return count
+
+
+def parse_size(value: str | None) -> tuple[int, int] | None:
+    """``--input-size WxH`` as ``(width, height)``."""
+    if value is None:
+        return None
+    try:
+        width, height = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--input-size takes WIDTHxHEIGHT, e.g. 1280x720, not {value!r}") from None
+    if width <= 0 or height <= 0:
+        raise UserError(f"--input-size needs a positive width and height, not {value!r}")
+    return width, height

@@ -1,0 +1,167 @@
+"""The configuration tree of a run: frozen, keyword-only, built once (by the CLI or by a caller).
+
+The command line's options map one to one onto these fields; the Python API takes the same
+objects. Choices are Enums (their values are what the user types), so ``--help`` lists them and a
+bad value is refused before anything heavy is imported. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+
+class ModelName(str, Enum):
+    """The restoration networks known by name (``--model``)."""
+
+    GPEN_BFR_512 = "GPEN-BFR-512"
+    GPEN_BFR_256 = "GPEN-BFR-256"
+    GPEN_BFR_1024 = "GPEN-BFR-1024"
+    IDENTITY = "identity"  # crops unchanged: shows detection and alignment
+
+
+class DetectorName(str, Enum):
+    """The face detectors (``--detector``)."""
+
+    RETINAFACE_RESNET50 = "retinaface_resnet50"
+    RETINAFACE_MOBILE = "retinaface_mobile0.25"
+
+
+class Precision(str, Enum):
+    """GPEN's weights and activations (``--precision``); auto: fp16 on CUDA, fp32 elsewhere."""
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class RtspTransport(str, Enum):
+    """How RTSP inputs carry their packets (``--rtsp-transport``)."""
+
+    TCP = "tcp"
+    UDP = "udp"
+
+
+def value_of(choice: Enum | str) -> str:
+    """The string a user types for ``choice`` (an Enum member or already a string)."""
+    return choice.value if isinstance(choice, Enum) else str(choice)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Which restorer runs and how: ``model`` by name, or any GPEN checkpoint at ``path``."""
+
+    name: ModelName | str = ModelName.GPEN_BFR_512
+    path: Path | None = None
+    precision: Precision | str = Precision.AUTO
+    compile: bool = False
+    batch_size: int = 8
+
+    @property
+    def label(self) -> str:
+        """What the user asked for, for logs and the preview."""
+        return str(self.path) if self.path is not None else value_of(self.name)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetectorConfig:
+    """RetinaFace's network and thresholds (``--detector``, ``--det-size``...)."""
+
+    name: DetectorName | str = DetectorName.RETINAFACE_RESNET50
+    det_size: int = 1280
+    threshold: float = 0.9
+    min_face: int = 10
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaceConfig:
+    """What happens to each face: blend, CLAHE, one face only, inputs already aligned."""
+
+    blend: float = 1.0
+    clahe: bool = False
+    only_center_face: bool = False
+    aligned: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnhancerConfig:
+    """Everything the enhancer (detect, align, restore, paste) needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    faces: FaceConfig = field(default_factory=FaceConfig)
+    device: str = "auto"
+    weights_dir: Path | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceConfig:
+    """How to open a video input (``--realtime``, ``--reconnect``, ``--rtsp-transport``...).
+
+    ``reconnect``: None never (files), N attempts, -1 forever. ``timeout`` bounds opening, reading
+    and writing a stream, and how long a stalled output may hold the run.
+    """
+
+    realtime: bool = False
+    reconnect: int | None = 5
+    rtsp_transport: RtspTransport | str = RtspTransport.TCP
+    timeout: float = 10.0
+    input_size: tuple[int, int] | None = None
+    input_fps: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class SinkConfig:
+    """How to encode video output (``--codec``, ``--crf``, ``--preset``, ``--pix-fmt``)."""
+
+    codec: str = "libx264"
+    crf: int = 18
+    preset: str = "medium"
+    pix_fmt: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class VideoConfig:
+    """Video-only settings: tracking cadence, the input and the output encoder."""
+
+    detect_every: int = 5
+    source: SourceConfig = field(default_factory=SourceConfig)
+    sink: SinkConfig = field(default_factory=SinkConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtrasConfig:
+    """What is written besides the enhanced output (``--draw``, ``--save-faces``,
+    ``--faces-json``)."""
+
+    draw: bool = False
+    save_faces: Path | None = None
+    faces_json: Path | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreviewConfig:
+    """The live preview page (``--preview [HOST:]PORT``, ``--preview-token``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    token: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """One ``streamgpen enhance``: an input, where it goes, and how.
+
+    ``output`` is a string, not a path: it may be ``rtsp://host/x`` or ``frames/`` (a trailing
+    slash means a folder), which ``pathlib`` would rewrite.
+    """
+
+    input: str
+    output: str | None = None
+    enhancer: EnhancerConfig = field(default_factory=EnhancerConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    extras: ExtrasConfig = field(default_factory=ExtrasConfig)
+    preview: PreviewConfig | None = None
+    quiet: bool = False

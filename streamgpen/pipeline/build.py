@@ -1,0 +1,54 @@
+"""Wiring the engine for an enhancer: the stages in order, the copies to and from the device."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from streamgpen.enhancer import Enhancer
+from streamgpen.faces.track import Tracker
+from streamgpen.media.sinks import Sink
+from streamgpen.media.video import VideoSource
+from streamgpen.pipeline.engine import EngineOptions, VideoPipeline
+from streamgpen.pipeline.observers import Observer
+from streamgpen.pipeline.packet import Controls
+from streamgpen.pipeline.stages import DownloadStage, RestoreStage, StageClock, TrackStage
+from streamgpen.runtime.transfer import Downloader, Uploader
+
+
+def video_pipeline(
+    *,
+    source: VideoSource,
+    sink: Sink,
+    enhancer: Enhancer,
+    tracker: Tracker,
+    observers: Sequence[Observer] = (),
+    options: EngineOptions = EngineOptions(),
+    controls: Callable[[], Controls] | None = None,
+    yuv_on_device: bool | None = None,
+    sync_stages: bool = False,
+) -> VideoPipeline:
+    """source -> track -> restore (align, GPEN, paste) -> download -> sink, with ``observers``.
+
+    ``controls`` gives the live controls (a viewer's); by default the enhancer's blend, on.
+    ``yuv_on_device`` (default: on CUDA) uploads 4:2:0 planes and converts them there;
+    ``sync_stages`` synchronises the worker's stream at each stage's end (bench's figures).
+    """
+    device = enhancer.device
+    if controls is None:
+        fixed = Controls(blend=enhancer.blend)
+        controls = lambda: fixed  # noqa: E731
+    clock = StageClock(device if sync_stages else None)
+    stages = (
+        TrackStage(tracker, clock, only_center_face=enhancer.only_center_face),
+        RestoreStage(enhancer, clock),
+        DownloadStage(Downloader(device), clock),
+    )
+    return VideoPipeline(
+        source=source,
+        sink=sink,
+        stages=stages,
+        uploader=Uploader(device, yuv_on_device),
+        controls=controls,
+        observers=observers,
+        options=options,
+    )

@@ -1,0 +1,168 @@
+"""The device worker's stages: track, restore (align, GPEN, paste), download.
+
+Each stage is an object with a ``name`` and ``process(packets)``: it reads what earlier stages
+put on the chunk's packets and adds what it computes, timing itself with the :class:`StageClock`
+it was built with. The engine runs them in order on each chunk of frames; a photo runs
+:class:`DetectStage` and :class:`RestoreStage` on a one-frame chunk.
+Shapes: B frames in the chunk, N faces in it, H/W frame size, S crop size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from streamgpen.faces.types import Face, TrackedFace, nearest_to_center
+from streamgpen.pipeline.packet import FramePacket
+
+if TYPE_CHECKING:
+    from streamgpen.enhancer import Enhancer
+    from streamgpen.faces.track import Tracker
+    from streamgpen.runtime.transfer import Downloader
+
+
+class Stage(Protocol):
+    """One step of the device worker."""
+
+    name: str
+
+    def process(self, packets: list[FramePacket]) -> None: ...
+
+
+class StageClock:
+    """Times a stage into its packets' ``stage_seconds`` and names it in torch.profiler traces.
+
+    ``sync_device``: a CUDA device whose current stream is synchronised when a stage ends, so the
+    figures are the device's (bench); otherwise kernels still running count toward a later stage.
+    Only the worker's stream: a device-wide sync would also wait for the decoder's uploads and the
+    encoder's downloads, which overlap by design.
+    """
+
+    def __init__(self, sync_device: torch.device | None = None):
+        self.sync_device = sync_device if sync_device and sync_device.type == "cuda" else None
+
+    @contextmanager
+    def __call__(self, stage: str, packets: Sequence[FramePacket]) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            with torch.profiler.record_function(f"stage:{stage}"):
+                yield
+        finally:
+            if self.sync_device is not None:
+                torch.cuda.current_stream(self.sync_device).synchronize()
+            share = (time.perf_counter() - start) / max(len(packets), 1)
+            for packet in packets:
+                packet.add_time(stage, share)
+
+
+def chunk_images(packets: Sequence[FramePacket]) -> torch.Tensor:
+    """The chunk's frames on the device as one [B, 3, H, W] batch."""
+    return torch.stack([p.image for p in packets])
+
+
+class TrackStage:
+    """Uploaded pixels to RGB on the device, then the tracker's faces for each frame.
+
+    The tracker starts afresh on a packet marked ``discontinuity`` (a reconnect may show another
+    scene). ``only_center_face`` keeps the tracked face nearest the frame's centre.
+    """
+
+    name = "detect_track"
+
+    def __init__(self, tracker: Tracker, clock: StageClock, *, only_center_face: bool = False):
+        self.tracker = tracker
+        self.clock = clock
+        self.only_center_face = only_center_face
+
+    def process(self, packets: list[FramePacket]) -> None:
+        with self.clock(self.name, packets):
+            for packet in packets:
+                self._track(packet)
+
+    def _track(self, packet: FramePacket) -> None:
+        if packet.image is None:
+            packet.image = packet.pixels.rgb()  # [3, H, W]
+        if packet.discontinuity:
+            self.tracker.reset()
+        before = self.tracker.full_detections
+        faces = self.tracker.update(packet.image, packet.seconds)
+        packet.full_detection = self.tracker.full_detections > before
+        if self.only_center_face:
+            faces = center_face(faces, packet.image.shape[-1], packet.image.shape[-2])
+        packet.faces = faces
+
+
+class DetectStage:
+    """Full detection on every frame (photos): each face is its own one-frame track."""
+
+    name = "detect_track"
+
+    def __init__(self, enhancer: Enhancer, clock: StageClock):
+        self.enhancer = enhancer
+        self.clock = clock
+
+    def process(self, packets: list[FramePacket]) -> None:
+        with self.clock(self.name, packets):
+            found = self.enhancer.detect(chunk_images(packets))
+        for packet, faces in zip(packets, found, strict=True):
+            packet.faces = [TrackedFace(face, i, True) for i, face in enumerate(faces)]
+            packet.full_detection = True
+
+
+class RestoreStage:
+    """Align every face of the chunk, restore them in one batched call, paste them back with
+    the blend of the chunk's controls snapshot; frames with enhancement off pass through."""
+
+    name = "restore"
+
+    def __init__(self, enhancer: Enhancer, clock: StageClock):
+        self.enhancer = enhancer
+        self.clock = clock
+
+    def process(self, packets: list[FramePacket]) -> None:
+        if not packets[0].controls.enhance:  # one snapshot per chunk
+            for packet in packets:
+                packet.output = packet.image
+            return
+        enhancer = self.enhancer
+        with self.clock(self.name, packets):
+            frames = chunk_images(packets)  # [B, 3, H, W]
+            batch = enhancer.align(frames, [faces_of(p) for p in packets])
+            enhancer.restore(batch)
+        with self.clock("blend", packets):
+            out = enhancer.paste(frames, batch, blend=packets[0].controls.blend)
+        for packet, image in zip(packets, out, strict=True):
+            packet.output = image
+        if len(packets) == 1:
+            packets[0].batch = batch  # a photo's crops, for --save-faces
+
+
+class DownloadStage:
+    """The chunk's output frames on their way to the host (waited for by the encoder)."""
+
+    name = "download"
+
+    def __init__(self, downloader: Downloader, clock: StageClock):
+        self.downloader = downloader
+        self.clock = clock
+
+    def process(self, packets: list[FramePacket]) -> None:
+        with self.clock(self.name, packets):
+            hosts = self.downloader(torch.stack([p.output for p in packets]))
+        for packet, host in zip(packets, hosts, strict=True):
+            packet.host = host
+
+
+def center_face(faces: list[TrackedFace], width: int, height: int) -> list[TrackedFace]:
+    """The tracked face whose box centre is nearest the image centre (none when there is none)."""
+    index = nearest_to_center([t.face for t in faces], width, height)
+    return [] if index is None else [faces[index]]
+
+
+def faces_of(packet: FramePacket) -> list[Face]:
+    """The packet's faces as detected faces (without their tracks)."""
+    return [t.face for t in packet.faces]

@@ -1,0 +1,1 @@
+"""The live preview page: ``server.PreviewServer`` serves it; the pipeline never imports this."""

@@ -1,0 +1,151 @@
+"""Runs as a user starts them, when things go wrong: signals, failing files, reruns, options that
+used to be dropped on the way (issue 10's bugs 2, 3 and 10)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from streamgpen.config import EnhancerConfig, FaceConfig, PreviewConfig, RunConfig
+from streamgpen.faces.track import Tracker
+from streamgpen.media.video import open_source
+from streamgpen.pipeline.packet import FramePacket
+from streamgpen.pipeline.stages import StageClock, TrackStage
+from streamgpen.progress import stderr_console
+
+SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "solvay_pan.mp4"
+
+
+@pytest.fixture(scope="module")
+def solvay(shared_dir) -> Path:
+    return shared_dir / "media" / "Solvay_conference_1927.png"
+
+
+def _folder(solvay: Path, folder: Path, count: int) -> Path:
+    photo = Image.open(solvay).convert("RGB").crop((0, 0, 332, 200))
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        photo.save(folder / f"{i:02d}.png")
+    return folder
+
+
+def _enhance(*args, weights_dir: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "streamgpen", "enhance", *map(str, args), "--model", "identity",
+        "--detector", "retinaface_mobile0.25", "--device", "cpu", "--weights-dir", str(weights_dir),
+    ]  # fmt: skip
+
+
+def _wait_for_first_output(process: subprocess.Popen, out: Path, pattern: str) -> None:
+    deadline = time.monotonic() + 180
+    while not list(out.glob(pattern)) and process.poll() is None:
+        assert time.monotonic() < deadline, "no output was ever written"
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+
+
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT, signal.SIGINT]])
+def test_signals_during_a_folder_stop_it_cleanly_with_130(solvay, weights_dir, tmp_path, signals):
+    # Before: SIGTERM killed the process by the signal (no clean stop); a second Ctrl-C during
+    # the clean stop did too.
+    src, out = _folder(solvay, tmp_path / "in", 40), tmp_path / "out"
+    process = subprocess.Popen(
+        _enhance(src, "-o", out, weights_dir=weights_dir), stderr=subprocess.PIPE, text=True
+    )
+    _wait_for_first_output(process, out, "*.png")
+    for sig in signals:
+        process.send_signal(sig)
+        time.sleep(0.05)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert not [p for p in out.rglob("*") if ".partial" in p.name]
+    assert 0 < len(list(out.glob("*.png"))) < 40
+
+
+def test_a_second_ctrl_c_during_a_video_stop_keeps_a_playable_file(weights_dir, tmp_path):
+    from probe import ffprobe
+
+    out = tmp_path / "out.mkv"
+    cmd = _enhance(SAMPLE, "-o", out, "--codec", "ffv1", weights_dir=weights_dir)
+    process = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    # A few lossless frames (~0.5 MB each) are in the temporary file: the encoder is under way.
+    while sum(p.stat().st_size for p in tmp_path.glob(".out.mkv.partial-*")) < 2_000_000:
+        assert time.monotonic() < deadline and process.poll() is None, "no frame was written"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted:" in stderr
+    assert 0 < len(ffprobe(out, "v:0", "frame=pts")) < 100
+
+
+def test_a_folder_goes_on_after_a_file_it_cannot_write(solvay, weights_dir, tmp_path):
+    src, out = _folder(solvay, tmp_path / "in", 4), tmp_path / "out"
+    (out / "01.png").mkdir(parents=True)  # a folder where the output file should go
+    result = subprocess.run(
+        _enhance(src, "-o", out, weights_dir=weights_dir), capture_output=True, text=True
+    )
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("streamgpen: error")]
+    assert len(errors) == 1 and "01.png" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in out.glob("*.png") if p.is_file()) == [
+        "00.png",
+        "02.png",
+        "03.png",
+    ]
+
+
+def test_an_output_folder_inside_the_input_is_not_read_again(solvay, weights_dir, tmp_path):
+    # Before: each rerun also enhanced the previous run's outputs (in/out/00.png -> in/out/out/...).
+    src = _folder(solvay, tmp_path / "in", 2)
+    for _ in range(2):
+        result = subprocess.run(
+            _enhance(src, "-o", src / "out", weights_dir=weights_dir),
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr
+    assert sorted(str(p.relative_to(src)) for p in src.rglob("*.png")) == [
+        "00.png", "01.png", "out/00.png", "out/01.png"
+    ]  # fmt: skip
+
+
+def test_only_center_face_holds_for_video(detector):
+    # Before: the tracker bypassed Enhancer.detect, so video restored every face.
+    stage = TrackStage(Tracker(detector), StageClock(), only_center_face=True)
+    every = TrackStage(Tracker(detector), StageClock())
+    with open_source(str(SAMPLE)) as source:
+        for frame, _ in zip(source, range(6), strict=False):
+            image = torch.from_numpy(frame.image).permute(2, 0, 1).float() / 255
+            one = FramePacket(frame=frame, seconds=frame.time, image=image)
+            all_faces = FramePacket(frame=frame, seconds=frame.time, image=image)
+            stage.process([one])
+            every.process([all_faces])
+            assert len(all_faces.faces) > 1 and len(one.faces) == 1
+
+
+def test_blend_reaches_the_preview_controls():
+    # Before: --blend 0.3 --preview PORT ran at blend 1.0 (the page's defaults won).
+    from streamgpen.apps.enhance import _preview
+
+    config = RunConfig(
+        input=str(SAMPLE),
+        enhancer=EnhancerConfig(faces=FaceConfig(blend=0.3)),
+        preview=PreviewConfig(host="127.0.0.1", port=0),
+    )
+    with ExitStack() as stack:
+        server = _preview(config, stack, stderr_console())
+        assert server.controls.blend == 0.3
