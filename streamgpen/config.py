@@ -8,11 +8,11 @@ bad value is refused before anything heavy is imported. Nothing here imports tor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 from pathlib import Path
 
 
-class ModelName(str, Enum):
+class ModelName(StrEnum):
     """The restoration networks known by name (``--model``)."""
 
     GPEN_BFR_512 = "GPEN-BFR-512"
@@ -21,14 +21,14 @@ class ModelName(str, Enum):
     IDENTITY = "identity"  # crops unchanged: shows detection and alignment
 
 
-class DetectorName(str, Enum):
+class DetectorName(StrEnum):
     """The face detectors (``--detector``)."""
 
     RETINAFACE_RESNET50 = "retinaface_resnet50"
     RETINAFACE_MOBILE = "retinaface_mobile0.25"
 
 
-class Precision(str, Enum):
+class Precision(StrEnum):
     """GPEN's weights and activations (``--precision``); auto: fp16 on CUDA, fp32 elsewhere."""
 
     AUTO = "auto"
@@ -37,7 +37,7 @@ class Precision(str, Enum):
     BF16 = "bf16"
 
 
-class RtspTransport(str, Enum):
+class RtspTransport(StrEnum):
     """How RTSP inputs carry their packets (``--rtsp-transport``)."""
 
     TCP = "tcp"

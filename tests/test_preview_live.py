@@ -67,6 +67,24 @@ def changed(shots: list[np.ndarray], box: tuple[int, int, int, int]) -> bool:
     return len(shots) == 2 and np.abs(region(shots[0], box) - region(shots[1], box)).mean() > 1
 
 
+def looped_clip(path: Path, loops: int = 3) -> Path:
+    """The sample at half size, played ``loops`` times (12 s at 25 fps): long enough that the run
+    is still going while the browser takes its screenshots, even on a loaded 2-core machine
+    (the 4-second sample at full size could end first, with the page's server)."""
+    import av
+
+    with av.open(str(SAMPLE)) as src:
+        frames = [f.reformat(width=480, height=270, format="yuv420p") for f in src.decode(video=0)]
+    with av.open(str(path), "w") as dst:
+        stream = dst.add_stream("libx264", rate=25, options={"preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = 480, 270, "yuv420p"
+        for frame in frames * loops:
+            frame.pts = None
+            dst.mux(stream.encode(frame))
+        dst.mux(stream.encode(None))
+    return path
+
+
 def test_preview_of_a_realtime_run(shared_dir, tmp_path):
     try:
         find_chromium()
@@ -75,11 +93,12 @@ def test_preview_of_a_realtime_run(shared_dir, tmp_path):
     weights = tmp_path / "weights"
     weights.mkdir()
     shutil.copy(shared_dir / "weights" / MOBILENET, weights / MOBILENET)
+    clip = looped_clip(tmp_path / "looped.mp4")
     port = free_port()
-    # Started first: Chromium takes seconds, and the clip plays for four.
+    # Started first: Chromium takes seconds, and the clip plays for twelve.
     with HeadlessChromium(width=1400, height=700, timeout_s=30) as browser:
         process = subprocess.Popen(
-            [sys.executable, "-m", "streamgpen", "enhance", str(SAMPLE), "--realtime",
+            [sys.executable, "-m", "streamgpen", "enhance", str(clip), "--realtime",
              "--preview", f"0.0.0.0:{port}", "--preview-token", TOKEN, "--only-center-face",
              "--model", "identity", "--detector", "retinaface_mobile0.25",
              "--weights-dir", str(weights), "--device", "cpu", "--quiet"],
@@ -96,7 +115,7 @@ def test_preview_of_a_realtime_run(shared_dir, tmp_path):
             )
             boxes = {pane: browser.element_box(f"#{pane}") for pane in ("original", "enhanced")}
             shots = [browser.screenshot()]
-            # Screenshots a second apart, until both panes moved on (the clip plays 4 s).
+            # Screenshots a second apart, until both panes moved on.
             while len(shots) < 4 and not all(changed(shots[-2:], box) for box in boxes.values()):
                 time.sleep(1.0)
                 shots.append(browser.screenshot())

@@ -71,26 +71,6 @@ def test_signals_during_a_folder_stop_it_cleanly_with_130(solvay, weights_dir, t
     assert 0 < len(list(out.glob("*.png"))) < 40
 
 
-def test_a_second_ctrl_c_during_a_video_stop_keeps_a_playable_file(weights_dir, tmp_path):
-    from probe import ffprobe
-
-    out = tmp_path / "out.mkv"
-    cmd = _enhance(SAMPLE, "-o", out, "--codec", "ffv1", weights_dir=weights_dir)
-    process = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    # A few lossless frames (~0.5 MB each) are in the temporary file: the encoder is under way.
-    while sum(p.stat().st_size for p in tmp_path.glob(".out.mkv.partial-*")) < 2_000_000:
-        assert time.monotonic() < deadline and process.poll() is None, "no frame was written"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
-    assert "Traceback" not in stderr and "interrupted:" in stderr
-    assert 0 < len(ffprobe(out, "v:0", "frame=pts")) < 100
-
-
 def test_a_folder_goes_on_after_a_file_it_cannot_write(solvay, weights_dir, tmp_path):
     src, out = _folder(solvay, tmp_path / "in", 4), tmp_path / "out"
     (out / "01.png").mkdir(parents=True)  # a folder where the output file should go

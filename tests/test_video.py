@@ -54,25 +54,52 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+def sample_head(path: Path, frames: int) -> Path:
+    """The sample's first ``frames`` frames (re-encoded, the source's pts kept) and its audio
+    packets of that time, copied: the whole clip costs ~3 minutes on a 2-core CPU, and every
+    assertion below holds frame by frame and packet by packet on any length."""
+    with av.open(str(SAMPLE)) as src, av.open(str(path), "w") as dst:
+        video_in, audio_in = src.streams.video[0], src.streams.audio[0]
+        video = dst.add_stream("libx264", rate=video_in.average_rate, options={"crf": "12"})
+        video.width, video.height, video.pix_fmt = video_in.width, video_in.height, "yuv420p"
+        video.time_base = video_in.time_base
+        audio = dst.add_stream_from_template(audio_in)
+        end = None
+        for i, frame in enumerate(src.decode(video=0)):
+            if i == frames:
+                end = frame.pts * video_in.time_base
+                break
+            dst.mux(video.encode(frame))
+        dst.mux(video.encode(None))
+        src.seek(0)
+        for packet in src.demux(audio_in):
+            if packet.size and packet.pts * packet.time_base < end:
+                packet.stream = audio
+                dst.mux(packet)
+    return path
+
+
 def test_sample_clip_lossless_keeps_frames_timing_and_sound(weights_dir, tmp_path):
+    clip = sample_head(tmp_path / "head.mp4", 40)
     out, faces_json = tmp_path / "out.mkv", tmp_path / "faces.jsonl"
     run = subprocess.run(
-        streamgpen_cmd(SAMPLE, "-o", out, "--codec", "ffv1", "--faces-json", faces_json,
+        streamgpen_cmd(clip, "-o", out, "--codec", "ffv1", "--faces-json", faces_json,
                        weights_dir=weights_dir),
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert not list(tmp_path.glob(".*partial*")), "the temporary file must be renamed into place"
-    source_pts = ffprobe(SAMPLE, "v:0", "frame=pts_time")
+    source_pts = ffprobe(clip, "v:0", "frame=pts_time")
     output_pts = ffprobe(out, "v:0", "frame=pts_time")
-    assert len(output_pts) == len(source_pts) == 100
+    assert len(output_pts) == len(source_pts) == 40
     assert np.allclose(np.float64(output_pts), np.float64(source_pts), atol=5e-4)
     assert ffprobe(out, "a:0", "stream=codec_name") == ["aac"]
-    assert audio_packets(out) == audio_packets(SAMPLE)
-    source, result = decoded_frames(SAMPLE), decoded_frames(out)
+    assert len(audio_packets(clip)) > 60  # 1.6 s of 48 kHz AAC: 75 packets
+    assert audio_packets(out) == audio_packets(clip)
+    source, result = decoded_frames(clip), decoded_frames(out)
     assert min(psnr(a, b) for a, b in zip(source, result, strict=True)) >= 40
     records = [json.loads(line) for line in faces_json.read_text().splitlines()]
-    assert {r["frame"] for r in records} == set(range(100))
+    assert {r["frame"] for r in records} == set(range(40))
     assert all(r["track"] is not None and r["pts"] is not None for r in records)
     assert 0 < sum(1 for r in records if r["detector_run"]) < len(records) / 2
 
@@ -139,9 +166,13 @@ def test_ctrl_c_leaves_a_playable_file_of_the_frames_done(weights_dir, tmp_path)
     )  # fmt: skip
     wait_for_frames(faces_json, 8, process, timeout=180)
     process.send_signal(signal.SIGINT)
+    # A second Ctrl-C during the clean stop is ignored (it used to kill the process by the
+    # signal, half-way through finishing the file).
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
-    assert "Traceback" not in stderr
+    assert "Traceback" not in stderr and "interrupted:" in stderr
     written = decoded_frames(out)
     assert 8 <= len(written) < 100
     source = decoded_frames(SAMPLE, limit=len(written))

@@ -275,7 +275,7 @@ def _header(
         "torch": torch.__version__,
         # fp32 convolutions on CUDA run in TF32 when this is on (PyTorch's default): the baseline's.
         "cudnn_tf32": torch.backends.cudnn.allow_tf32,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "args": {
             "device": device,

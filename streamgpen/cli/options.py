@@ -10,7 +10,7 @@ imported. Help texts are short on purpose: at 80 columns the help column is abou
 from __future__ import annotations
 
 from collections.abc import Callable
-from enum import Enum
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -30,7 +30,7 @@ PERFORMANCE_PANEL = "Performance"
 FLAG = ""
 
 
-class BenchModel(str, Enum):
+class BenchModel(StrEnum):
     """The networks ``streamgpen bench --model`` times (their FLOP counts are known)."""
 
     GPEN_BFR_256 = "GPEN-BFR-256"
