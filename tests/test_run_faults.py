@@ -3,6 +3,8 @@ used to be dropped on the way (issue 10's bugs 2, 3 and 10)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -129,3 +131,98 @@ def test_blend_reaches_the_preview_controls():
     with ExitStack() as stack:
         server = _preview(config, stack, stderr_console())
         assert server.controls.blend == 0.3
+
+
+def test_outputs_typed_as_urls_and_folders_work_from_the_cli(weights_dir, tmp_path):
+    # Before: the CLI made -o a Path: rtsp://host:port/x became rtsp:/host:port/x ("cannot tell
+    # what kind of output") and frames/ lost its slash (refused unless the folder existed).
+    import av
+    from rtsp_server import RtspServer, make_test_clip
+
+    clip = make_test_clip(tmp_path / "clip.mp4", seconds=1.0, fps=25, size=(160, 120), audio=False)
+    frames = tmp_path / "frames"
+    run = subprocess.run(
+        _enhance(clip, "-o", f"{frames}/", "--quiet", weights_dir=weights_dir),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert len(list(frames.glob("*.png"))) == 25
+    with RtspServer(clip, record_dir=tmp_path / "rec") as server:
+        run = subprocess.run(
+            # Not --realtime: a live source may drop frames when the CPU falls behind, and
+            # every frame must arrive here.
+            _enhance(clip, "-o", server.publish_url, "--quiet", weights_dir=weights_dir),
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        deadline = time.monotonic() + 20
+        count = 0
+        while time.monotonic() < deadline and count < 25:  # written as it arrives
+            for recording in server.recordings():
+                try:
+                    with av.open(str(recording)) as container:
+                        count = sum(1 for _ in container.decode(video=0))
+                except av.error.FFmpegError:
+                    pass
+            time.sleep(0.2)
+    assert count == 25
+
+
+def test_a_cpu_run_says_what_runs_and_what_a_face_costs(shared_dir, weights_dir, tmp_path):
+    # Before: --device auto fell back to the CPU without a word, at ~14 s per face (issue 16.1).
+    photo = tmp_path / "in.png"
+    Image.open(shared_dir / "media" / "Solvay_conference_1927.png").crop((0, 0, 332, 200)).save(
+        photo
+    )
+    cmd = _enhance(photo, "-o", tmp_path / "out.png", weights_dir=weights_dir)
+    shutil.copy(shared_dir / "fixtures" / "gpen" / "tiny_state_dict.pt", tmp_path / "tiny.pt")
+    cmd[cmd.index("--model") : cmd.index("--model") + 2] = [
+        "--model-path",
+        str(tmp_path / "tiny.pt"),
+    ]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "on cpu, detector retinaface_mobile0.25" in run.stderr
+    assert "s per face on this CPU" in run.stderr and "--model GPEN-BFR-256" in run.stderr
+    quiet = subprocess.run([*cmd, "--quiet"], capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+
+
+@pytest.mark.parametrize("name", ["missing.mp4", "missing.jpg", "missing_folder"])
+def test_a_missing_input_is_refused_before_the_heavy_imports(tmp_path, name):
+    # Before: 17-66 s of importing torch, facexlib and PyAV before "no such file" (issue 16.8).
+    script = (
+        "import sys\n"
+        "from streamgpen.cli.app import main\n"
+        f"sys.argv = ['streamgpen', 'enhance', {name!r}]\n"
+        "try:\n"
+        "    main()\n"
+        "finally:\n"
+        "    print('heavy:', sorted({'torch', 'cv2', 'av'} & sys.modules.keys()))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    assert run.returncode == 2 and run.stdout.strip() == "heavy: []", run.stdout + run.stderr
+    assert (
+        run.stderr == f"streamgpen: error: input file not found: {name} (no such file or folder)\n"
+    )
+
+
+def test_a_photo_into_a_new_folder_with_normal_permissions(solvay, weights_dir, tmp_path):
+    # Before: -o DIR/ for one photo was refused ("unsupported output image extension"), and
+    # photos were written 0600 whatever the umask (issue 16.5, 16.7).
+    photo = tmp_path / "in.png"
+    Image.open(solvay).convert("RGB").crop((0, 0, 332, 200)).save(photo)
+    cmd = _enhance(photo, "-o", f"{tmp_path / 'new'}/", "--quiet", weights_dir=weights_dir)
+    run = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(0o022)
+    )
+    assert run.returncode == 0, run.stderr
+    out = tmp_path / "new" / "in.png"
+    assert out.is_file() and out.stat().st_mode & 0o777 == 0o644
+    bad = subprocess.run(
+        _enhance(photo, "-o", tmp_path / "out.xyz", weights_dir=weights_dir),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 2 and ".png" in bad.stderr and ".jpg" in bad.stderr, bad.stderr
