@@ -234,7 +234,9 @@ def test_truncated_file_enhances_what_decodes(weights_dir, tmp_path):
     cut.write_bytes(data[: len(data) // 5])
     out = tmp_path / "out.mkv"
     run = subprocess.run(
-        streamgpen_cmd(cut, "-o", out, "--codec", "ffv1", "-o", out, weights_dir=weights_dir),
+        # One face per frame: the truncation is what is tested, and it costs a fifth of the time.
+        streamgpen_cmd(cut, "-o", out, "--codec", "ffv1", "--only-center-face",
+                       weights_dir=weights_dir),
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
