@@ -136,13 +136,13 @@ def announce(config: RunConfig, enhancer, console) -> None:
 
 
 def _seconds_per_face(restorer) -> float:
-    """One face through the restorer, timed after a first untimed call."""
+    """One face through the restorer, timed. A single call: on the CPU (eager, no graphs) the
+    first forward costs about what the others do, and GPEN-BFR-512 takes ~14 s there."""
     import time
 
     import torch
 
     crop = torch.zeros(1, 3, restorer.size, restorer.size, device=restorer.device)
-    restorer(crop)
     start = time.perf_counter()
     restorer(crop)
     return time.perf_counter() - start
