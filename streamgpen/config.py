@@ -18,6 +18,7 @@ class ModelName(StrEnum):
     GPEN_BFR_512 = "GPEN-BFR-512"
     GPEN_BFR_256 = "GPEN-BFR-256"
     GPEN_BFR_1024 = "GPEN-BFR-1024"
+    GPEN_BFR_2048 = "GPEN-BFR-2048"
     IDENTITY = "identity"  # crops unchanged: shows detection and alignment
 
 
@@ -35,6 +36,37 @@ class Precision(StrEnum):
     FP32 = "fp32"
     FP16 = "fp16"
     BF16 = "bf16"
+
+
+class MaskKind(StrEnum):
+    """How restored faces are pasted back (``--mask``): ``parse`` keeps the face, hair, glasses
+    and neck that a face parser finds (what every anchor pastes), ``box`` a feathered square."""
+
+    PARSE = "parse"
+    BOX = "box"
+
+
+class ParserName(StrEnum):
+    """The face parsers (``--parse-model``): facexlib's ParseNet (GPEN's) or BiSeNet (GFPGAN's;
+    about 20x cheaper on a CPU)."""
+
+    PARSENET = "parsenet"
+    BISENET = "bisenet"
+
+
+class ImageFormat(StrEnum):
+    """Photo outputs' format (``--ext``): ``auto`` keeps each input's; the others are the
+    extensions streamgpen writes (``media.images.IMAGE_EXTENSIONS``, without the dot)."""
+
+    AUTO = "auto"
+    JPG = "jpg"
+    JPEG = "jpeg"
+    PNG = "png"
+    BMP = "bmp"
+    TIF = "tif"
+    TIFF = "tiff"
+    WEBP = "webp"
+    JP2 = "jp2"
 
 
 class RtspTransport(StrEnum):
@@ -77,12 +109,32 @@ class DetectorConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class FaceConfig:
-    """What happens to each face: blend, CLAHE, one face only, inputs already aligned."""
+    """What happens to each face: blend, CLAHE, one face only, inputs already aligned, the
+    paste-back mask (and its parser), colour matched to the input's."""
 
     blend: float = 1.0
     clahe: bool = False
     only_center_face: bool = False
     aligned: bool = False
+    mask: MaskKind | str = MaskKind.PARSE
+    parse_model: ParserName | str = ParserName.PARSENET
+    color_match: bool = False
+
+
+# ``--bg-upsampler`` by name: a resize, or the Real-ESRGAN models of the weights registry
+# (tests check the two lists agree; here, so a typo is refused before torch is imported).
+BG_UPSAMPLERS = ("none", "RealESRGAN_x2plus", "RealESRGAN_x4plus", "realesr-general-x4v3")
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpscaleConfig:
+    """The output's size (``--upscale``: F times the input's) and how the background gets there
+    (``--bg-upsampler``: ``none`` for a resize, a super-resolution model's name or file;
+    ``--bg-tile``: its tile size in input pixels, 0 untiled)."""
+
+    factor: float = 1.0
+    bg_upsampler: str = "none"
+    bg_tile: int = 400
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,6 +144,7 @@ class EnhancerConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     faces: FaceConfig = field(default_factory=FaceConfig)
+    upscale: UpscaleConfig = field(default_factory=UpscaleConfig)
     device: str = "auto"
     weights_dir: Path | None = None
 
@@ -142,6 +195,18 @@ class ExtrasConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class NamingConfig:
+    """How photo outputs are named, as GFPGAN names them (``--suffix``, ``--ext``): STEM_SUFFIX.EXT.
+
+    ``suffix`` None adds none (an output beside the input gets ``enhanced``); ``ext`` auto keeps
+    the input's extension.
+    """
+
+    suffix: str | None = None
+    ext: ImageFormat | str = ImageFormat.AUTO
+
+
+@dataclass(frozen=True, kw_only=True)
 class PreviewConfig:
     """The live preview page (``--preview [HOST:]PORT``, ``--preview-token``)."""
 
@@ -163,5 +228,6 @@ class RunConfig:
     enhancer: EnhancerConfig = field(default_factory=EnhancerConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     extras: ExtrasConfig = field(default_factory=ExtrasConfig)
+    naming: NamingConfig = field(default_factory=NamingConfig)
     preview: PreviewConfig | None = None
     quiet: bool = False

@@ -13,17 +13,32 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from streamgpen.config import DetectorConfig, EnhancerConfig, FaceConfig, ModelConfig, value_of
+from streamgpen.config import (
+    DetectorConfig,
+    EnhancerConfig,
+    FaceConfig,
+    MaskKind,
+    ModelConfig,
+    UpscaleConfig,
+    value_of,
+)
 from streamgpen.errors import UserError
-from streamgpen.faces.align import paste_faces, similarity_transform, template, warp_faces
+from streamgpen.faces.align import (
+    paste_faces,
+    paste_mask,
+    similarity_transform,
+    template,
+    warp_faces,
+)
 from streamgpen.faces.clahe import clahe_luminance
+from streamgpen.faces.color_match import match_color
 from streamgpen.faces.detect import DEFAULT_DET_SIZE, FaceDetector
 from streamgpen.faces.types import Face, FaceBatch, nearest_to_center
 from streamgpen.models import weights
 from streamgpen.runtime.device import as_device
 from streamgpen.runtime.restorer import IDENTITY, Identity, Restorer
 
-GPEN_MODELS = ("GPEN-BFR-512", "GPEN-BFR-256", "GPEN-BFR-1024")
+GPEN_MODELS = ("GPEN-BFR-512", "GPEN-BFR-256", "GPEN-BFR-1024", "GPEN-BFR-2048")
 DETECTORS = ("retinaface_resnet50", "retinaface_mobile0.25")
 
 
@@ -95,6 +110,11 @@ def required_weights(config: EnhancerConfig) -> list[str]:
     model = value_of(config.model.name)
     if config.model.path is None and model in GPEN_MODELS:
         names.insert(0, model)
+    if value_of(config.faces.mask) == MaskKind.PARSE:
+        names.append(value_of(config.faces.parse_model))
+    upsampler = config.upscale.bg_upsampler
+    if config.upscale.factor != 1 and upsampler in weights.MODELS:
+        names.append(upsampler)
     return names
 
 
@@ -124,6 +144,12 @@ class Enhancer:
         blend: float = 1.0,
         clahe: bool = False,
         only_center_face: bool = False,
+        mask: str = "parse",
+        parse_model: str = "parsenet",
+        color_match: bool = False,
+        upscale: float = 1.0,
+        bg_upsampler: str = "none",
+        bg_tile: int = 400,
         restorer: Restorer | None = None,
         face_detector: FaceDetector | None = None,
         progress: bool = True,
@@ -139,7 +165,15 @@ class Enhancer:
             detector=DetectorConfig(
                 name=detector, det_size=det_size, threshold=det_threshold, min_face=min_face
             ),
-            faces=FaceConfig(blend=blend, clahe=clahe, only_center_face=only_center_face),
+            faces=FaceConfig(
+                blend=blend,
+                clahe=clahe,
+                only_center_face=only_center_face,
+                mask=mask,
+                parse_model=parse_model,
+                color_match=color_match,
+            ),
+            upscale=UpscaleConfig(factor=upscale, bg_upsampler=bg_upsampler, bg_tile=bg_tile),
             device="auto" if device is None else str(device),
             weights_dir=weights_dir,
         )
@@ -163,26 +197,23 @@ class Enhancer:
         faces = config.faces
         if not 0.0 <= faces.blend <= 1.0:
             raise UserError(f"--blend must be in [0, 1], not {faces.blend}")
+        if not config.upscale.factor >= 1:
+            raise UserError(f"--upscale must be 1 or more, not {config.upscale.factor}")
         self.config = config
         self.device = as_device(config.device)
         self.restorer = restorer or build_restorer(
             config.model, self.device, config.weights_dir, progress=progress
         )
-        det = config.detector
-        self.detector = face_detector or build_detector(
-            det.name,
-            self.device,
-            config.weights_dir,
-            det.det_size,
-            det.threshold,
-            det.min_face,
-            progress=progress,
-        )
+        self.detector = face_detector or _detector(config, self.device, progress)
+        self.parser = _parser(config, self.device, self.restorer.dtype, progress)
+        self.upsampler = _upsampler(config, self.device, self.restorer.dtype, progress)
         self.size = self.restorer.size
         self.template = template(self.size).to(self.device)
         self.blend = faces.blend
         self.clahe = faces.clahe
         self.only_center_face = faces.only_center_face
+        self.color_match = faces.color_match
+        self.upscale = float(config.upscale.factor)
 
     def warmup(self, height: int = 720, width: int = 1280) -> None:
         """Run every stage once at start-up (CUDA graph capture, cuDNN autotuning), so the first
@@ -215,17 +246,19 @@ class Enhancer:
         faces = self.detect(frame)[0]
         batch = self.align(frame, [faces])
         self.restore(batch)
-        return EnhanceResult(self.paste(frame, batch), faces, batch.crops, batch.restored)
+        self.parse(batch)
+        image = self.paste(self.background(frame), batch)
+        return EnhanceResult(image, faces, batch.crops, batch.restored)
 
     def enhance_aligned_tensor(self, frame: torch.Tensor) -> EnhanceResult:
         """``enhance_aligned`` of [1, 3, H, W] float RGB in [0, 1] on the device, kept there."""
-        h, w = frame.shape[-2:]
         crop = _resize(frame, (self.size, self.size)) * 2 - 1
         if self.clahe:
             crop = clahe_luminance(crop)
         restored = self.restorer(crop)
-        out = _resize((restored + 1) / 2, (h, w))
-        return EnhanceResult(frame + self.blend * (out - frame), [], crop, restored)
+        background = self.background(frame)
+        out = _resize((restored + 1) / 2, tuple(background.shape[-2:]))
+        return EnhanceResult(background + self.blend * (out - background), [], crop, restored)
 
     def upload(self, bgr: np.ndarray) -> torch.Tensor:
         """HxWx3 BGR uint8/uint16 -> [1, 3, H, W] float RGB in [0, 1] on the device."""
@@ -254,16 +287,17 @@ class Enhancer:
 
     def align(self, frames: torch.Tensor, faces_per_frame: list[list[Face]]) -> FaceBatch:
         """Warp every face of every frame to the template, in one batched call."""
+        size = (frames.shape[-2], frames.shape[-1])
         faces = [f for fs in faces_per_frame for f in fs]
         index = [i for i, fs in enumerate(faces_per_frame) for _ in fs]
         frame_index = torch.tensor(index, dtype=torch.long, device=self.device)
         if not faces:
             empty = frames.new_zeros(0, 3, self.size, self.size)
-            return FaceBatch([], frame_index, frames.new_zeros(0, 2, 3), empty)
+            return FaceBatch([], frame_index, frames.new_zeros(0, 2, 3), empty, size)
         landmarks = torch.from_numpy(np.stack([f.landmarks for f in faces])).to(self.device)
         matrices = similarity_transform(landmarks.float(), self.template)
         crops = warp_faces(frames, matrices, self.size, frame_index) * 2 - 1
-        return FaceBatch(faces, frame_index, matrices, crops)
+        return FaceBatch(faces, frame_index, matrices, crops, size)
 
     def restore(self, batch: FaceBatch) -> FaceBatch:
         """Run the restorer on the batch's crops (CLAHE first when asked)."""
@@ -271,16 +305,97 @@ class Enhancer:
         batch.restored = self.restorer(crops)
         return batch
 
+    def parse(self, batch: FaceBatch) -> FaceBatch:
+        """The paste masks of the restored faces (``--mask parse``), one parser call per batch."""
+        if self.parser is not None and batch.faces:
+            batch.masks = self.parser.masks(batch.restored)
+        return batch
+
+    def background(self, frames: torch.Tensor) -> torch.Tensor:
+        """The frames [B, 3, H, W] at the output's size (``--upscale``: the background upsampler's
+        result; the frames themselves at 1x), what the faces are pasted into."""
+        return self.upsampler(frames, self.upscale)
+
     def paste(
-        self, frames: torch.Tensor, batch: FaceBatch, blend: float | None = None
+        self, background: torch.Tensor, batch: FaceBatch, blend: float | None = None
     ) -> torch.Tensor:
-        """Blend the restored faces back into their frames (``blend``: this call's, else the
-        configured one)."""
+        """Blend the restored faces into ``background`` (the frames, or :meth:`background`'s
+        larger ones: the faces land at its resolution); ``blend``: this call's, else the
+        configured one."""
         if not batch.faces:
-            return frames
+            return background
         restored = (batch.restored.float() + 1) / 2
+        if self.color_match:
+            restored = match_color(restored, (batch.crops.float() + 1) / 2, self._weights(batch))
+        matrices = output_matrices(batch.matrices, batch.frame_size, background.shape[-2:])
         blend = self.blend if blend is None else blend
-        return paste_faces(frames, restored, batch.matrices, batch.frame_index, blend)
+        return paste_faces(
+            background, restored, matrices, batch.frame_index, blend, masks=batch.masks
+        )
+
+    def _weights(self, batch: FaceBatch) -> torch.Tensor:
+        """Where a face's colour is measured: its paste mask [N, 1, S, S]."""
+        if batch.masks is not None:
+            return batch.masks
+        box = paste_mask(self.size, self.device)
+        return box.expand(len(batch.faces), -1, -1, -1)
+
+
+def _detector(config: EnhancerConfig, device: torch.device, progress: bool) -> FaceDetector:
+    det = config.detector
+    return build_detector(
+        det.name,
+        device,
+        config.weights_dir,
+        det.det_size,
+        det.threshold,
+        det.min_face,
+        progress=progress,
+    )
+
+
+def _parser(config: EnhancerConfig, device: torch.device, dtype: torch.dtype, progress: bool):
+    """The face parser for ``--mask parse`` (None for the box mask)."""
+    if value_of(config.faces.mask) != MaskKind.PARSE:
+        return None
+    from streamgpen.faces.parse import build_parser
+
+    return build_parser(
+        value_of(config.faces.parse_model),
+        device=device,
+        dtype=dtype,
+        weights_dir=config.weights_dir,
+        progress=progress,
+    )
+
+
+def _upsampler(config: EnhancerConfig, device: torch.device, dtype: torch.dtype, progress: bool):
+    """The background upsampler of ``--bg-upsampler`` (a resize when the output is not larger)."""
+    from streamgpen.runtime.upsampler import build_upsampler
+
+    name = config.upscale.bg_upsampler if config.upscale.factor != 1 else "none"
+    return build_upsampler(
+        name,
+        device=device,
+        dtype=dtype,
+        weights_dir=config.weights_dir,
+        tile=config.upscale.bg_tile,
+        progress=progress,
+    )
+
+
+def output_matrices(
+    matrices: torch.Tensor, frame_size: tuple[int, int], output_size: tuple[int, int]
+) -> torch.Tensor:
+    """Image->crop matrices [N, 2, 3] of ``frame_size`` (h, w) frames re-expressed for outputs
+    of ``output_size``: an output pixel's centre (x + 0.5) * w / W - 0.5 in the frame."""
+    (h, w), (out_h, out_w) = frame_size, output_size
+    sx, sy = w / out_w, h / out_h
+    linear = matrices[:, :, :2]
+    scale = linear.new_tensor([[sx, 0.0], [0.0, sy]])
+    offset = linear.new_tensor([(sx - 1) / 2, (sy - 1) / 2])
+    shifted = matrices[:, :, 2] + linear @ offset
+    return torch.cat([linear @ scale, shifted[..., None]], 2)
 
 
 def _center_face(faces: list[Face], width: int, height: int) -> list[Face]:

@@ -20,7 +20,10 @@ import torch
 from streamgpen import __version__
 from streamgpen.config import (
     DetectorName,
+    ImageFormat,
+    MaskKind,
     ModelName,
+    ParserName,
     Precision,
     PreviewConfig,
     RtspTransport,
@@ -137,7 +140,7 @@ def test_weights_list_shows_presence(run, weights_dir, shared_dir):
     assert " yes " in rows["retinaface_mobile0.25"]
     assert " no " in rows["GPEN-BFR-512"]
     assert "public-vigen-video" in rows["GPEN-BFR-512"]
-    assert "place the file by hand" in rows["GPEN-BFR-1024"]
+    assert "modelscope.cn" in rows["GPEN-BFR-2048"]
 
 
 def test_weights_verify_good_files(run, shared_dir):
@@ -281,6 +284,8 @@ def test_defaults_are_the_config_defaults(parse):
 
 OPTION_CASES = {
     "output": (["-o", "x/"], lambda c: c.output, "x/"),
+    "suffix": (["--suffix", "x"], lambda c: c.naming.suffix, "x"),
+    "ext": (["--ext", "png"], lambda c: c.naming.ext, ImageFormat.PNG),
     "save_faces": (["--save-faces", "crops"], lambda c: c.extras.save_faces, Path("crops")),
     "faces_json": (["--faces-json", "f.jsonl"], lambda c: c.extras.faces_json, Path("f.jsonl")),
     "draw": (["--draw"], lambda c: c.extras.draw, True),
@@ -299,6 +304,14 @@ OPTION_CASES = {
     "only_center_face": (["--only-center-face"], lambda c: c.enhancer.faces.only_center_face,
                          True),
     "aligned": (["--aligned"], lambda c: c.enhancer.faces.aligned, True),
+    "mask": (["--mask", "box"], lambda c: c.enhancer.faces.mask, MaskKind.BOX),
+    "parse_model": (["--parse-model", "bisenet"], lambda c: c.enhancer.faces.parse_model,
+                    ParserName.BISENET),
+    "color_match": (["--color-match"], lambda c: c.enhancer.faces.color_match, True),
+    "upscale": (["--upscale", "2"], lambda c: c.enhancer.upscale.factor, 2.0),
+    "bg_upsampler": (["--upscale", "2", "--bg-upsampler", "RealESRGAN_x2plus"],
+                     lambda c: c.enhancer.upscale.bg_upsampler, "RealESRGAN_x2plus"),
+    "bg_tile": (["--bg-tile", "256"], lambda c: c.enhancer.upscale.bg_tile, 256),
     "detect_every": (["--detect-every", "2"], lambda c: c.video.detect_every, 2),
     "codec": (["--codec", "ffv1"], lambda c: c.video.sink.codec, "ffv1"),
     "crf": (["--crf", "23"], lambda c: c.video.sink.crf, 23),
@@ -347,7 +360,12 @@ def test_reconnect_counts_and_preview_default_host(parse):
 
 BAD_VALUES = [
     (["--model", "GPEN-BFR-128"],
-     "unknown model 'GPEN-BFR-128' (use GPEN-BFR-512, GPEN-BFR-256, GPEN-BFR-1024, identity)"),
+     "unknown model 'GPEN-BFR-128' (use GPEN-BFR-512, GPEN-BFR-256, GPEN-BFR-1024, "
+     "GPEN-BFR-2048, identity)"),
+    (["--mask", "oval"], "unknown mask 'oval' (use parse, box)"),
+    (["--parse-model", "segformer"], "unknown face parser 'segformer' (use parsenet, bisenet)"),
+    (["--upscale", "2", "--bg-upsampler", "ESRGAN9"],
+     "--bg-upsampler ESRGAN9: not a file, nor one of none, RealESRGAN_x2plus"),
     (["--detector", "yolo"],
      "unknown detector 'yolo' (use retinaface_resnet50, retinaface_mobile0.25)"),
     (["--precision", "fp8"], "unknown precision 'fp8' (use auto, fp32, fp16, bf16)"),
@@ -422,7 +440,7 @@ def test_quiet_silences_the_download_bar(run, mirror, tmp_path, shared_dir):
     result = run(
         "enhance", str(shared_dir / "media" / "Solvay_conference_1927.png"), "-o", str(out),
         "--model", "identity", "--detector", "retinaface_mobile0.25", "--device", "cpu",
-        "--quiet", STREAMGPEN_WEIGHTS_URL=mirror,
+        "--quiet", "--mask", "box", STREAMGPEN_WEIGHTS_URL=mirror,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert out.is_file()

@@ -11,15 +11,21 @@ from pathlib import Path
 import pytest
 
 DOCS_HELP = Path(__file__).resolve().parents[1] / "docs" / "cli-help-80.txt"
-PANELS = ("Input and output", "Model", "Faces", "Video and streams", "Performance")
+PANELS = ("Input and output", "Model", "Faces", "Upscaling", "Video and streams", "Performance")
 # enhance's options whose default is a plain value, as --help must print it.
 PLAIN_DEFAULTS = {
+    "--ext": "auto",
     "--model": "GPEN-BFR-512",
     "--detector": "retinaface_resnet50",
     "--det-size": "1280",
     "--det-threshold": "0.9",
     "--min-face": "10",
     "--blend": "1.0",
+    "--mask": "parse",
+    "--parse-model": "parsenet",
+    "--upscale": "1.0",
+    "--bg-upsampler": "none",
+    "--bg-tile": "400",
     "--detect-every": "5",
     "--codec": "libx264",
     "--crf": "18",
@@ -34,6 +40,7 @@ PLAIN_DEFAULTS = {
 # The others (no plain value): what their "[default: ...]" says, whitespace collapsed.
 DESCRIBED_DEFAULTS = {
     "--output": "beside the input, NAME_enhanced",
+    "--suffix": "none; enhanced beside the input",
     "--weights-dir": "$STREAMGPEN_WEIGHTS, else streamgpen/weights in $XDG_CACHE_HOME or ~/.cache",
     "--pix-fmt": "the input's, when the encoder has it",
     "--input-size": "the camera's",
@@ -42,7 +49,7 @@ DESCRIBED_DEFAULTS = {
     "--preview-token": "none on loopback, else generated",
 }
 FLAGS = ("--draw", "--quiet", "--clahe", "--only-center-face", "--aligned", "--realtime",
-         "--compile")  # fmt: skip
+         "--compile", "--color-match")  # fmt: skip
 NO_DEFAULT = ("--save-faces", "--faces-json", "--model-path")  # none: the feature is off
 
 
@@ -104,7 +111,9 @@ def test_enhance_help_shows_every_default(enhance_help):
 
 def test_enhance_help_lists_the_choices(enhance_help):
     rows = option_rows(enhance_help)
-    assert "GPEN-BFR-512, GPEN-BFR-256, GPEN-BFR-1024 or identity" in rows["--model"]
+    assert "GPEN-BFR-512, GPEN-BFR-256, GPEN-BFR-1024, GPEN-BFR-2048 or identity" in rows["--model"]
+    assert "parse (a face parser's" in rows["--mask"] and "or box" in rows["--mask"]
+    assert "parsenet or bisenet" in rows["--parse-model"]
     assert "retinaface_resnet50 or retinaface_mobile0.25" in rows["--detector"]
     assert "auto, fp32, fp16 or bf16" in rows["--precision"]
     assert "tcp or udp" in rows["--rtsp-transport"]

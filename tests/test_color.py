@@ -146,7 +146,9 @@ def test_clip_through_the_pipeline_with_colour_on_the_device(detector, tmp_path)
     # which are cropped and pasted back (resampled twice).
     clip, out = tmp_path / "sepia.mp4", tmp_path / "frames"
     tinted_sample_clip(clip)
-    enhancer = Enhancer(restorer=Restorer(Identity(), CPU), face_detector=detector, device=CPU)
+    enhancer = Enhancer(
+        restorer=Restorer(Identity(), CPU), face_detector=detector, device=CPU, mask="box"
+    )
     with open_source(str(clip)) as source:
         pipeline = video_pipeline(
             source=source,

@@ -110,7 +110,7 @@ def test_uploads_and_downloads_on_streams_equal_the_cpu_path(tmp_path):
 def run_identity_pipeline(device: torch.device, detector_factory, clip, out) -> None:
     detector = detector_factory(device)
     enhancer = Enhancer(
-        restorer=Restorer(Identity(), device), face_detector=detector, device=device
+        restorer=Restorer(Identity(), device), face_detector=detector, device=device, mask="box"
     )
     with open_source(str(clip)) as source:
         pipeline = video_pipeline(

@@ -140,7 +140,9 @@ def test_no_function_is_over_60_lines():
 def identity_enhancer(detector):
     # 64-pixel crops: the failure paths do not depend on the crop size, and 512-pixel crops of
     # the sample's dozen faces cost seconds per frame on a loaded 2-core machine.
-    return Enhancer(restorer=Restorer(Identity(64), CPU), face_detector=detector, device=CPU)
+    return Enhancer(
+        restorer=Restorer(Identity(64), CPU), face_detector=detector, device=CPU, mask="box"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +230,11 @@ def test_blend_is_the_configured_one_without_a_preview(identity_enhancer, detect
     from streamgpen.pipeline.build import video_pipeline
 
     blended = Enhancer(
-        restorer=Restorer(Identity(), CPU), face_detector=detector, device=CPU, blend=0.3
+        restorer=Restorer(Identity(), CPU),
+        face_detector=detector,
+        device=CPU,
+        blend=0.3,
+        mask="box",
     )
     with open_source(str(SAMPLE)) as source:
         pipeline = video_pipeline(

@@ -30,14 +30,17 @@ def solvay(shared_dir) -> Path:
 @pytest.fixture(scope="session")
 def identity_enhancer(detector) -> Enhancer:
     return Enhancer(
-        restorer=Restorer(Identity(), torch.device("cpu")), face_detector=detector, device="cpu"
+        restorer=Restorer(Identity(), torch.device("cpu")),
+        face_detector=detector,
+        device="cpu",
+        mask="box",
     )
 
 
 def enhance_cli(*args, weights_dir: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "streamgpen", "enhance", *map(str, args)]
     cmd += ["--detector", "retinaface_mobile0.25", "--weights-dir", str(weights_dir), "--device"]
-    cmd += ["cpu"]
+    cmd += ["cpu", "--mask", "box"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
@@ -290,7 +293,7 @@ def test_ctrl_c_in_a_folder_run_leaves_no_partial_files(solvay, weights_dir, tmp
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "streamgpen", "enhance", str(tmp_path / "in"), "-o", str(out)]
     cmd += ["--model", "identity", "--detector", "retinaface_mobile0.25", "--device", "cpu"]
-    cmd += ["--weights-dir", str(weights_dir)]
+    cmd += ["--weights-dir", str(weights_dir), "--mask", "box"]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     # Interrupted once the writer has started: reads, the device and writes are all under way.

@@ -101,7 +101,7 @@ def test_preview_of_a_realtime_run(shared_dir, tmp_path):
             [sys.executable, "-m", "streamgpen", "enhance", str(clip), "--realtime",
              "--preview", f"0.0.0.0:{port}", "--preview-token", TOKEN, "--only-center-face",
              "--model", "identity", "--detector", "retinaface_mobile0.25",
-             "--weights-dir", str(weights), "--device", "cpu", "--quiet"],
+             "--weights-dir", str(weights), "--device", "cpu", "--quiet", "--mask", "box"],
             stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         try:

@@ -43,6 +43,7 @@ def _enhance(*args, weights_dir: Path) -> list[str]:
     return [
         sys.executable, "-m", "streamgpen", "enhance", *map(str, args), "--model", "identity",
         "--detector", "retinaface_mobile0.25", "--device", "cpu", "--weights-dir", str(weights_dir),
+        "--mask", "box",
     ]  # fmt: skip
 
 

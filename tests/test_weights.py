@@ -148,7 +148,14 @@ def test_gpen_configs_match_official_manifests(name, shared_dir):
 
 
 def test_registry_urls():
-    assert weights.MODELS["GPEN-BFR-1024"].url is None
+    for name, modelscope_file in (("GPEN-BFR-1024", "pytorch_model.pt"),
+                                  ("GPEN-BFR-2048", "pytorch_model-2048.pt")):  # fmt: skip
+        url = weights.MODELS[name].url
+        assert "damo/cv_gpen_image-portrait-enhancement-hires" in url
+        assert url.endswith(f"FilePath={modelscope_file}")
+        assert weights.MODELS[name].filename == f"{name}.pth"
+    assert weights.MODELS["parsenet"].url.endswith("/v0.2.2/parsing_parsenet.pth")
+    assert weights.MODELS["RealESRGAN_x4plus"].url.endswith("/v0.1.0/RealESRGAN_x4plus.pth")
     assert weights.MODELS["GPEN-BFR-512"].url.endswith("/robin/models/GPEN-BFR-512.pth")
     assert weights.MODELS["retinaface_mobile0.25"].url.endswith(f"/v0.1.0/{MOBILENET}")
 
@@ -312,11 +319,6 @@ def test_ensure_without_download_names_file_directory_and_url(tmp_path):
     message = str(missing.value)
     assert "GPEN-BFR-512.pth" in message and str(tmp_path) in message
     assert weights.MODELS["GPEN-BFR-512"].url in message
-
-
-def test_ensure_by_path_only_model(tmp_path):
-    with pytest.raises(UserError, match=r"cannot be downloaded automatically.*place the file in"):
-        weights.ensure("GPEN-BFR-1024", tmp_path)
 
 
 def test_ensure_unknown_name(tmp_path):

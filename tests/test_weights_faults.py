@@ -256,8 +256,8 @@ def test_missing_weights_lists_every_missing_file_at_once(tmp_path):
 def test_missing_weights_none_missing_and_hand_placed_files(tmp_path, monkeypatch):
     (tmp_path / MOBILENET).write_bytes(b"present")
     assert weights.missing_weights(["retinaface_mobile0.25"], tmp_path) is None
-    message = weights.missing_weights(["GPEN-BFR-1024", "retinaface_mobile0.25"], tmp_path)
-    assert "GPEN-BFR-1024.pth (not downloadable" in message
+    message = weights.missing_weights(["GPEN-BFR-2048", "retinaface_mobile0.25"], tmp_path)
+    assert "GPEN-BFR-2048.pth from https://modelscope.cn/" in message
     assert "--detector" not in message  # the mobilenet detector is the one present
     monkeypatch.setenv(weights.ENV_URL, "http://mirror.example/w")
     message = weights.missing_weights(["GPEN-BFR-256"], tmp_path)

@@ -20,7 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from streamgpen.apps.bench_photos import bench_jpeg_decode
 from streamgpen.errors import UserError
@@ -232,11 +234,7 @@ def run_bench(
     unknown = [m for m in models if m not in FLOPS_PER_FACE]
     if unknown:
         raise UserError(f"unknown model {unknown[0]!r}; known: {', '.join(FLOPS_PER_FACE)}")
-    if profile is not None and pipeline_frames == 0:
-        raise UserError("--profile profiles the end-to-end run, which --frames 0 skips")
-    if pipeline_frames != 0:
-        # Fetched (or found missing) now, not after minutes of model timings.
-        weights.ensure(detector, weights.weights_dir(weights_dir))
+    _check_pipeline_args(pipeline_frames, profile, detector, weights_dir)
     t = timing(dev, quick)
     peak = matmul_peak(dev, t)
     report = _header(dev, device, models, batch_sizes, quick, compiled) | {
@@ -259,10 +257,28 @@ def run_bench(
         report["pipeline_rows"] = bench_pipeline(
             dev, model, frames, detector, weights_dir, profile=profile
         )
+    if not quick:  # a minute on a CPU: the parsers take seconds a face there
+        report["stage_rows"] = _stage_rows(dev)
     if json_path is not None:
         with atomic_path(Path(json_path)) as temp:
             temp.write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def _check_pipeline_args(
+    frames: int | None, profile: Path | None, detector: str, weights_dir: Path | None
+) -> None:
+    if profile is not None and frames == 0:
+        raise UserError("--profile profiles the end-to-end run, which --frames 0 skips")
+    if frames != 0:
+        # Fetched (or found missing) now, not after minutes of model timings.
+        weights.ensure(detector, weights.weights_dir(weights_dir))
+
+
+def _stage_rows(device: torch.device) -> list[dict]:
+    from streamgpen.apps.bench_stages import bench_stages
+
+    return bench_stages(device)
 
 
 def _header(
@@ -288,28 +304,38 @@ def _header(
     }
 
 
-def format_report(report: dict) -> Table:
-    """The model rows of a report as a rich table, with the device and peak in its title."""
+def format_report(report: dict) -> Group:
+    """The model rows of a report: the device, torch and matmul peak, then one table per model.
+
+    Every line fits 80 columns (a terminal's default): the model is each table's title and the
+    speed-up's meaning a footnote, rather than two more columns.
+    """
     peak = report["matmul_peak"]
-    table = Table(
-        title=(
-            f"{report['device']} - torch {report['torch']} - "
-            f"matmul peak {peak['tflops']:.2f} TFLOP/s ({peak['dtype']})"
-        ),
-        caption=report["note"],
+    header = Text(
+        f"{report['device']} - torch {report['torch']} - "
+        f"matmul peak {peak['tflops']:.2f} TFLOP/s ({peak['dtype']})"
     )
-    for column in ("model", "mode", "batch", "ms/batch", "faces/s", "vs baseline", "% of peak"):
-        table.add_column(column, justify="left" if column in ("model", "mode") else "right")
-    for row in report["model_rows"]:
-        table.add_row(
-            row["model"],
-            row["mode"],
-            str(row["batch"]),
-            f"{row['ms_per_batch']:.1f}",
-            f"{row['faces_per_s']:.2f}",
-            f"{row['speedup_vs_baseline']:.2f}x",
-            f"{100 * row['fraction_of_peak']:.1f}",
-        )
+    rows = report["model_rows"]
+    tables = [_model_table(model, rows) for model in dict.fromkeys(row["model"] for row in rows)]
+    note = Text(f"speed-up: faces/s over {BASELINE.name} at batch 1. {report['note']}")
+    return Group(header, *tables, note)
+
+
+def _model_table(model: str, rows: list[dict]) -> Table:
+    """One model's rows: mode, batch, ms per batch, faces/s, speed-up, % of the matmul peak."""
+    table = Table(title=f"{model}, model only", title_justify="left")
+    for column in ("mode", "batch", "ms/batch", "faces/s", "speed-up", "% of peak"):
+        table.add_column(column, justify="left" if column == "mode" else "right")
+    for row in rows:
+        if row["model"] == model:
+            table.add_row(
+                row["mode"],
+                str(row["batch"]),
+                f"{row['ms_per_batch']:.1f}",
+                f"{row['faces_per_s']:.2f}",
+                f"{row['speedup_vs_baseline']:.2f}x",
+                f"{100 * row['fraction_of_peak']:.1f}",
+            )
     return table
 
 
@@ -327,27 +353,37 @@ def format_jpeg_decode(report: dict) -> str:
     )
 
 
-def format_pipeline(report: dict) -> Table | None:
-    """The end-to-end rows of a report as a rich table (None when there are none)."""
+def format_pipeline(report: dict) -> Group | None:
+    """The end-to-end rows of a report (None when there are none), in two tables that each fit
+    80 columns: each run's figures, then each stage's milliseconds per frame, a row per stage."""
     rows = report.get("pipeline_rows") or []
     if not rows:
         return None
-    table = Table(title="end to end: 1080p clip, 4 moving faces, output null", title_justify="left")
-    for column in ("model", "mode", "frames", "fps", "faces/frame", *STAGE_COLUMNS, "idle",
-                   "p50 ms", "p95 ms", "dropped"):  # fmt: skip
-        table.add_column(column, justify="right")
+    models = ", ".join(dict.fromkeys(row["model"] for row in rows))
+    runs = Table(
+        title=f"end to end: {models}, 1080p clip, 4 moving faces, output null",
+        title_justify="left",
+        caption="idle: the device worker's idle share; p50/p95: the live run's latency",
+        caption_justify="left",
+    )
+    for column in ("run", "frames", "fps", "faces/frame", "idle", "p50 ms", "p95 ms", "dropped"):
+        runs.add_column(column, justify="left" if column == "run" else "right")
     for row in rows:
-        stages = row["stage_ms_per_frame"]
-        table.add_row(
-            row["model"], row["mode"], str(row["frames"]), f"{row['fps']:.1f}",
-            f"{row['faces_per_frame']:.1f}", *(f"{stages[s]:.1f}" for s in STAGE_COLUMNS),
-            f"{row['worker_idle_fraction']:.0%}", _opt(row.get("latency_ms_p50")),
-            _opt(row.get("latency_ms_p95")), _opt(row.get("dropped")),
+        runs.add_row(
+            row["mode"], str(row["frames"]), f"{row['fps']:.1f}",
+            f"{row['faces_per_frame']:.1f}", f"{row['worker_idle_fraction']:.0%}",
+            _opt(row.get("latency_ms_p50")), _opt(row.get("latency_ms_p95")),
+            _opt(row.get("dropped")),
         )  # fmt: skip
-    return table
-
-
-STAGE_COLUMNS = ("decode", "detect_track", "restore", "blend", "download", "encode")
+    stages = Table(title="end to end: ms per frame in each stage", title_justify="left")
+    stages.add_column("stage")
+    for row in rows:
+        stages.add_column(f"{row['mode']} run", justify="right")
+    # The stages as the rows name them, in pipeline order (a new stage needs no change here).
+    for stage in dict.fromkeys(s for row in rows for s in row["stage_ms_per_frame"]):
+        times = (row["stage_ms_per_frame"].get(stage) for row in rows)
+        stages.add_row(stage, *("" if ms is None else f"{ms:.1f}" for ms in times))
+    return Group(runs, stages)
 
 
 def _opt(value) -> str:

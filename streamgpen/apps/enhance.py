@@ -54,7 +54,7 @@ def _check_input(spec: str, path: Path) -> None:
 def _photos(config: RunConfig, path: Path, console) -> int:
     from streamgpen.apps.photos import PhotoOptions, enhance_photos, plan_outputs
 
-    pairs = plan_outputs(path, config.output)
+    pairs = plan_outputs(path, config.output, config.naming)
     enhancer = _enhancer(config)
     announce(config, enhancer, console)
     extras = config.extras
@@ -108,8 +108,11 @@ def _preview(config: RunConfig, stack: ExitStack, console):
 
 
 # What a CPU user should try first: measured on a 2-core machine, GPEN-BFR-512 with RetinaFace-R50
-# took ~13.7 s per face, GPEN-BFR-256 with the mobilenet detector ~0.15 s.
-FAST_CPU_RECIPE = "--model GPEN-BFR-256 --detector retinaface_mobile0.25 --detect-every 10"
+# took ~13.7 s per face, GPEN-BFR-256 with the mobilenet detector ~0.15 s; GPEN's ParseNet mask
+# costs several seconds a face there, BiSeNet's a twentieth of that.
+FAST_CPU_RECIPE = (
+    "--model GPEN-BFR-256 --detector retinaface_mobile0.25 --parse-model bisenet --detect-every 10"
+)
 
 
 def announce(config: RunConfig, enhancer, console) -> None:
@@ -125,7 +128,7 @@ def announce(config: RunConfig, enhancer, console) -> None:
     console.print(line, markup=False, highlight=False, soft_wrap=True)
     if enhancer.device.type != "cpu":
         return
-    per_face = _seconds_per_face(restorer)
+    per_face = _seconds_per_face(enhancer)
     console.print(
         f"no GPU: about {per_face:.2f} s per face on this CPU. Faster: {FAST_CPU_RECIPE} "
         "(or --device cuda on a machine with an NVIDIA GPU)",
@@ -135,14 +138,18 @@ def announce(config: RunConfig, enhancer, console) -> None:
     )
 
 
-def _seconds_per_face(restorer) -> float:
-    """One face through the restorer, timed. A single call: on the CPU (eager, no graphs) the
-    first forward costs about what the others do, and GPEN-BFR-512 takes ~14 s there."""
+def _seconds_per_face(enhancer) -> float:
+    """One face through the restorer and the face parser, timed. A single call: on the CPU
+    (eager, no graphs) the first forward costs about what the others do, and GPEN-BFR-512 takes
+    ~14 s there."""
     import time
 
     import torch
 
+    restorer = enhancer.restorer
     crop = torch.zeros(1, 3, restorer.size, restorer.size, device=restorer.device)
     start = time.perf_counter()
-    restorer(crop)
+    restored = restorer(crop)
+    if enhancer.parser is not None:
+        enhancer.parser.masks(restored)
     return time.perf_counter() - start

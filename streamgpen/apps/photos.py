@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import deque
@@ -16,9 +17,11 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from streamgpen.config import ImageFormat, NamingConfig, value_of
 from streamgpen.enhancer import Enhancer
 from streamgpen.errors import UserError
 from streamgpen.faces.overlay import draw_faces
+from streamgpen.faces.types import FaceBatch
 from streamgpen.files import require_regular_file, same_file
 from streamgpen.media.facelog import FaceLog
 from streamgpen.media.images import (
@@ -33,7 +36,7 @@ from streamgpen.media.images import (
 )
 from streamgpen.pipeline.packet import Controls, FramePacket
 from streamgpen.pipeline.stages import DetectStage, RestoreStage, StageClock, faces_of
-from streamgpen.progress import rate, stderr_console, task_bar
+from streamgpen.progress import duration, rate, stderr_console, task_bar
 
 # Photos decoded ahead of the device, and enhanced ones waiting for the writer: enough to keep the
 # device busy while files are read and written, few enough to bound memory (whole images each).
@@ -61,21 +64,33 @@ class PhotoSummary:
     failed: list[Path] = field(default_factory=list)
     faceless: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    written_to: Path | None = None  # the output file, or the folder of a folder run
 
 
-def plan_outputs(source: Path, output: Path | str | None) -> list[tuple[Path, Path]]:
+def plan_outputs(
+    source: Path, output: Path | str | None, naming: NamingConfig = NamingConfig()
+) -> list[tuple[Path, Path]]:
     """(input, output) pairs: a file to a file (or into a folder: an existing one, or a path
-    ending in ``/``), a folder to a folder tree (an output folder inside it is left out)."""
+    ending in ``/``), a folder to a folder tree (an output folder inside it is left out).
+
+    Outputs in a folder or beside the input are named by ``naming`` (``--suffix``, ``--ext``);
+    ``-o FILE`` names its file itself, so ``naming`` must then be the default.
+    """
     source = Path(source)
     if not source.exists():
         raise UserError(f"{source}: no such file or folder")
     require_regular_file(source)
     if source.is_dir():
-        return _plan_folder(source, None if output is None else Path(output))
+        return _plan_folder(source, None if output is None else Path(output), naming)
     if output is None:
-        target = source.with_name(f"{source.stem}_enhanced{source.suffix}")
+        target = source.with_name(output_name(source, naming, default_suffix="enhanced"))
     elif Path(output).is_dir() or str(output).endswith(("/", "\\")):
-        target = Path(output) / source.name
+        target = Path(output) / output_name(source, naming)
+    elif naming != NamingConfig():
+        raise UserError(
+            f"-o {output} names the output file: --suffix and --ext name outputs in a folder "
+            "(-o DIR/) or beside the input"
+        )
     else:
         target = Path(output)
     if same_file(target, source):
@@ -86,17 +101,48 @@ def plan_outputs(source: Path, output: Path | str | None) -> list[tuple[Path, Pa
     return [(source, target)]
 
 
-def _plan_folder(source: Path, output: Path | None) -> list[tuple[Path, Path]]:
+def output_name(source: Path, naming: NamingConfig, default_suffix: str | None = None) -> str:
+    """The file name of ``source``'s output, as GFPGAN names it: ``STEM_SUFFIX.EXT``.
+
+    ``naming.suffix`` (else ``default_suffix``; none: ``STEM.EXT``); ``naming.ext`` auto keeps
+    the input's extension as it is spelt.
+    """
+    suffix = naming.suffix if naming.suffix is not None else default_suffix
+    stem = f"{source.stem}_{suffix}" if suffix else source.stem
+    ext = value_of(naming.ext)
+    return stem + (source.suffix if ext == ImageFormat.AUTO else f".{ext}")
+
+
+def _plan_folder(
+    source: Path, output: Path | None, naming: NamingConfig
+) -> list[tuple[Path, Path]]:
     out_dir = output or source.with_name(source.name + "_enhanced")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a folder (the input is a folder)")
     if same_file(out_dir, source):
         raise UserError(f"{out_dir}: the output folder must differ from the input folder")
     # An output folder inside the input: its files are last run's outputs, not inputs.
-    pairs = [(p, out_dir / p.relative_to(source)) for p in iter_folder(source, exclude=out_dir)]
+    pairs = [
+        (p, out_dir / p.relative_to(source).with_name(output_name(p, naming)))
+        for p in iter_folder(source, exclude=out_dir)
+    ]
     if not pairs:
         raise UserError(f"{source}: no image files in this folder")
+    _refuse_shared_targets(pairs)
     return pairs
+
+
+def _refuse_shared_targets(pairs: list[tuple[Path, Path]]) -> None:
+    """Two inputs written to one output (``a.jpg`` and ``a.png`` with ``--ext png``) would lose
+    one of them: refused before anything is written."""
+    first: dict[Path, Path] = {}
+    for source, target in pairs:
+        if target in first:
+            raise UserError(
+                f"{first[target]} and {source} would both be written to {target} "
+                "(use another --ext, or --ext auto)"
+            )
+        first[target] = source
 
 
 def enhance_photos(
@@ -112,6 +158,7 @@ def enhance_photos(
     :func:`decode_photo`'s choice of decoder (the tests use it to run torchvision's on the CPU).
     """
     run = _PhotoRun(enhancer, options, total=len(pairs))
+    run.summary.written_to = _written_to(pairs)
     decode = partial(decode_photo, device=enhancer.device, on_device=device_decode)
     # On CUDA, capture GPEN's graphs before the readers start decoding on the device.
     enhancer.restorer.warmup()
@@ -145,10 +192,10 @@ class _PhotoRun:
         self.console = stderr_console()
         self.face_log: FaceLog | None = None
         self.started = time.perf_counter()
-        self.progress = task_bar(console=self.console, disable=options.quiet or total == 0)
-        self.task = self.progress.add_task("photos", total=total, info="")
+        self.progress = PhotoProgress(console=self.console, photos=total, quiet=options.quiet)
         clock = StageClock()
-        self.stages = (DetectStage(enhancer, clock), RestoreStage(enhancer, clock))
+        reporting = _ReportingRestore(enhancer, self.progress.restored)
+        self.stages = (DetectStage(enhancer, clock), RestoreStage(reporting, clock))
 
     def enhance(self, source: Path, target: Path, photo: Future, writer) -> tuple:
         """Enhance one decoded photo; (source, faces, the future of its writing)."""
@@ -172,10 +219,7 @@ class _PhotoRun:
             self.progress.console.print(
                 f"streamgpen: error: {e}", markup=False, highlight=False, soft_wrap=True
             )
-        elapsed = time.perf_counter() - self.started
-        done = summary.images + len(summary.failed)
-        info = f"{rate(done, elapsed, 'image')}, {summary.faces} faces"
-        self.progress.update(self.task, advance=1, info=info)
+        self.progress.photo_done(summary)
 
     def _enhance_one(self, photo: Photo, target: Path) -> tuple[Callable[[], None], int]:
         """Enhance ``photo`` on the device; returns the writing left to do, and the face count."""
@@ -183,12 +227,19 @@ class _PhotoRun:
         try:
             frame, dtype = _on_device(enhancer, photo)
             if options.aligned:
+                self.progress.found(1)  # the photo is the face
                 result = enhancer.enhance_aligned_tensor(frame)
+                self.progress.restored(1)
                 image, faces, crops = result.image, [], (result.crops, result.restored)
             else:
                 image, faces, crops = self._restore(frame)
-            # no face: the file itself, bit for bit
-            copy = not faces and not options.aligned and _same_kind(source, target)
+            # no face (and no --upscale): the file itself, bit for bit
+            copy = (
+                not faces
+                and not options.aligned
+                and enhancer.upscale == 1
+                and _same_kind(source, target)
+            )
             # The writer gets the enhanced image on the host (with the photo's alpha and gray),
             # not the decoded pixels on the device.
             out = None if copy else replace(photo, color=enhancer.download(image, dtype))
@@ -201,18 +252,105 @@ class _PhotoRun:
         if self.face_log:
             for face in faces:
                 self.face_log.write(face, file=str(source), frame=0, track=None, detector_run=True)
-        return partial(_write, options, source, target, out, faces, crops), len(faces)
+        scale = image.shape[-1] / frame.shape[-1]  # --upscale: faces are in input pixels
+        write = partial(_write, options, source, target, out, faces, crops, scale)
+        return write, len(faces)
 
     def _restore(self, frame: torch.Tensor) -> tuple[torch.Tensor, list, tuple]:
         """[1, 3, H, W] through the shared stages: (enhanced [1, 3, H, W], faces, crops)."""
         packet = FramePacket(
             frame=None, seconds=0.0, image=frame[0], controls=Controls(blend=self.enhancer.blend)
         )
-        for stage in self.stages:
-            stage.process([packet])
+        detect, restore = self.stages
+        detect.process([packet])
+        self.progress.found(len(packet.faces))
+        restore.process([packet])
         batch = packet.batch
         crops = (batch.crops, batch.restored) if batch is not None else (None, None)
         return packet.output[None], faces_of(packet), crops
+
+
+class PhotoProgress:
+    """A photo run's bar on stderr: the photos done of the total; for a single photo, its faces
+    restored of those found, moved after each restored batch (the Solvay photo's 29 faces took
+    400 s on a 2-core CPU, with a photos bar at 0/1 all along).
+
+    Its times and rates run on ``console.get_time``, the clock the bar's own columns read.
+    """
+
+    def __init__(self, *, console: Console, photos: int, quiet: bool):
+        self.console = console
+        self.by_face = photos == 1
+        self.faces_done = 0
+        self.bar = task_bar(console=console, disable=quiet or photos == 0)
+        # A photo's faces are known once it is detected: until then the total is unknown.
+        name, total = ("faces", None) if self.by_face else ("photos", photos)
+        self.task = self.bar.add_task(name, total=total, info="")
+        self.started = console.get_time()
+
+    def __enter__(self) -> PhotoProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.stop()
+
+    def found(self, faces: int) -> None:
+        """The photo's faces were detected: with a single photo, they are the bar's total."""
+        if self.by_face:
+            self.bar.update(self.task, total=faces, refresh=True)
+
+    def restored(self, faces: int) -> None:
+        """A batch of ``faces`` came out of the restorer."""
+        if self.by_face:
+            self.faces_done += faces
+            info = rate(self.faces_done, self.console.get_time() - self.started, "face")
+            # Drawn now rather than at the next tick: it is news after seconds of work.
+            self.bar.update(self.task, advance=faces, info=info, refresh=True)
+
+    def photo_done(self, summary: PhotoSummary) -> None:
+        """A photo was written, or failed: the photos' bar moves on."""
+        if not self.by_face:
+            done = summary.images + len(summary.failed)
+            elapsed = self.console.get_time() - self.started
+            info = f"{rate(done, elapsed, 'image')}, {summary.faces} faces"
+            self.bar.update(self.task, advance=1, info=info)
+
+
+class _ReportingRestore:
+    """The enhancer as :class:`RestoreStage` uses it, except that its faces go through the
+    restorer one batch at a time, each reported to ``on_batch(faces)``: a photo's bar moves
+    while its faces are restored. The figures are the same: the restorer runs batches of
+    ``batch_size`` in any case."""
+
+    def __init__(self, enhancer: Enhancer, on_batch: Callable[[int], None]):
+        self._enhancer, self._on_batch = enhancer, on_batch
+
+    def __getattr__(self, name: str):
+        return getattr(self._enhancer, name)  # align, paste...: the enhancer's own
+
+    def restore(self, batch: FaceBatch) -> FaceBatch:
+        """:meth:`Enhancer.restore`, batch by batch: [N, 3, S, S] crops to ``batch.restored``."""
+        step, crops = self._enhancer.restorer.batch_size, batch.crops
+        if crops.shape[0] <= step:  # one batch (or none): nothing to split
+            self._enhancer.restore(batch)
+            if crops.shape[0]:
+                self._on_batch(crops.shape[0])
+            return batch
+        parts = []
+        for start in range(0, crops.shape[0], step):
+            part = replace(batch, crops=crops[start : start + step])
+            parts.append(self._enhancer.restore(part).restored)
+            self._on_batch(part.crops.shape[0])
+        batch.restored = torch.cat(parts)
+        return batch
+
+
+def _written_to(pairs: list[tuple[Path, Path]]) -> Path | None:
+    """The output file of a single photo, the folder holding a folder run's outputs."""
+    if len(pairs) == 1:
+        return pairs[0][1]
+    return Path(os.path.commonpath([target.parent for _, target in pairs])) if pairs else None
 
 
 def _on_device(enhancer: Enhancer, photo: Photo) -> tuple[torch.Tensor, np.dtype]:
@@ -230,13 +368,13 @@ def _same_kind(source: Path, target: Path) -> bool:
     return source.suffix.lower() == target.suffix.lower()
 
 
-def _write(options, source: Path, target: Path, out, faces, crops) -> None:
+def _write(options, source: Path, target: Path, out, faces, crops, scale: float) -> None:
     if crops is not None:
         _save_faces(options.save_faces, source, *crops)
     if out is None:
         copy_file(source, target)
     else:
-        image = draw_faces(out.color, faces) if options.draw else out.color
+        image = draw_faces(out.color, faces, scale=scale) if options.draw else out.color
         write_image(target, merge_channels(out, image))
 
 
@@ -282,17 +420,25 @@ def _to_bgr(crops: torch.Tensor) -> np.ndarray:
     return out.flip(1).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _print_summary(console: Console, summary: PhotoSummary) -> None:
-    rate = summary.images / summary.seconds if summary.seconds else 0.0
-    line = (
-        f"{summary.images} image(s), {summary.faces} face(s) in {summary.seconds:.1f} s "
-        f"({rate:.2f} images/s)"
-    )
+def summary_line(summary: PhotoSummary) -> str:
+    """The closing line: what was done, in how long, where it went, and what went wrong."""
+    images, faces, seconds = summary.images, summary.faces, summary.seconds
+    line = f"{images} image(s), {faces} face(s) in {duration(seconds)}"
+    # The rate per image says nothing the time does not for one image; none per face without any.
+    rates = [rate(images, seconds, "image")] if images > 1 else []
+    rates += [rate(faces, seconds, "face")] if faces else []
+    line += f" ({', '.join(rates)})" if rates else ""
+    if summary.written_to is not None and images:
+        line += f"; written to {summary.written_to}"
     if summary.failed:
         line += f"; {len(summary.failed)} failed"
     if summary.faceless:
         names = ", ".join(str(p) for p in summary.faceless[:5])
         more = f" and {len(summary.faceless) - 5} more" if len(summary.faceless) > 5 else ""
         line += f"; no face in {len(summary.faceless)} (copied unchanged): {names}{more}"
-    console.print(line, markup=False, highlight=False, soft_wrap=True)
+    return line
+
+
+def _print_summary(console: Console, summary: PhotoSummary) -> None:
+    console.print(summary_line(summary), markup=False, highlight=False, soft_wrap=True)
     sys.stderr.flush()

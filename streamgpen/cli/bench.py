@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from streamgpen.cli import options as o
 from streamgpen.config import DetectorName
 
@@ -23,7 +21,8 @@ def bench(
     """Measure GPEN's speed on this machine (random weights: speed does not depend on them).
 
     Model only (faces/s per model, precision and batch size, against the official eager fp32
-    batch-1 way) and end to end (a generated 1080p clip with four moving faces).
+    batch-1 way), end to end (a generated 1080p clip with four moving faces) and, without
+    --quick, what each output-quality stage costs per 1080p frame (upscaling, parse masks).
     """
     from rich.console import Console
 
@@ -41,10 +40,14 @@ def bench(
         compiled=compile_,
         profile=profile,
     )
-    # Wide enough for the tables when the output is a file or a pipe (rich assumes 80 columns).
-    console = Console(width=None if sys.stdout.isatty() else 140)
+    # Every table fits 80 columns, rich's width for a file or a pipe (see docs/bench-80.txt).
+    console = Console()
     console.print(format_report(report))
     console.print(format_jpeg_decode(report), highlight=False)
     pipeline = format_pipeline(report)
     if pipeline is not None:
         console.print(pipeline)
+    if report.get("stage_rows"):
+        from streamgpen.apps.bench_stages import format_stages
+
+        console.print(format_stages(report["stage_rows"]))

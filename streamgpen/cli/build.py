@@ -12,19 +12,25 @@ from pathlib import Path
 from typing import Any
 
 from streamgpen.config import (
+    BG_UPSAMPLERS,
     DetectorConfig,
     DetectorName,
     EnhancerConfig,
     ExtrasConfig,
     FaceConfig,
+    ImageFormat,
+    MaskKind,
     ModelConfig,
     ModelName,
+    NamingConfig,
+    ParserName,
     Precision,
     PreviewConfig,
     RtspTransport,
     RunConfig,
     SinkConfig,
     SourceConfig,
+    UpscaleConfig,
     VideoConfig,
 )
 from streamgpen.errors import UserError
@@ -41,6 +47,7 @@ def run_config(*, source: str, output: str | None, quiet: bool, **options: Any) 
         enhancer=enhancer_config(**options),
         video=video_config(**options),
         extras=extras_config(**options),
+        naming=naming_config(**options),
         preview=preview_config(**options),
         quiet=quiet,
     )
@@ -52,6 +59,7 @@ def enhancer_config(*, device: str, weights_dir: Path | None, **options: Any) ->
         model=model_config(**options),
         detector=detector_config(**options),
         faces=face_config(**options),
+        upscale=upscale_config(**options),
         device=device,
         weights_dir=weights_dir,
     )
@@ -82,10 +90,36 @@ def detector_config(
 
 
 def face_config(
-    *, blend: float, clahe: bool, only_center_face: bool, aligned: bool, **_: Any
+    *,
+    blend: float,
+    clahe: bool,
+    only_center_face: bool,
+    aligned: bool,
+    mask: MaskKind,
+    parse_model: ParserName,
+    color_match: bool,
+    **_: Any,
 ) -> FaceConfig:
-    """``--blend``, ``--clahe``, ``--only-center-face``, ``--aligned``."""
-    return FaceConfig(blend=blend, clahe=clahe, only_center_face=only_center_face, aligned=aligned)
+    """``--blend``, ``--clahe``, ``--only-center-face``, ``--aligned``, ``--mask``,
+    ``--parse-model``, ``--color-match``."""
+    return FaceConfig(
+        blend=blend,
+        clahe=clahe,
+        only_center_face=only_center_face,
+        aligned=aligned,
+        mask=mask,
+        parse_model=parse_model,
+        color_match=color_match,
+    )
+
+
+def upscale_config(*, upscale: float, bg_upsampler: str, bg_tile: int, **_: Any) -> UpscaleConfig:
+    """``--upscale``, ``--bg-upsampler`` (a known name or an existing file), ``--bg-tile``."""
+    if bg_upsampler not in BG_UPSAMPLERS and not Path(bg_upsampler).is_file():
+        raise UserError(
+            f"--bg-upsampler {bg_upsampler}: not a file, nor one of {', '.join(BG_UPSAMPLERS)}"
+        )
+    return UpscaleConfig(factor=upscale, bg_upsampler=bg_upsampler, bg_tile=bg_tile)
 
 
 def video_config(*, detect_every: int, **options: Any) -> VideoConfig:
@@ -126,6 +160,13 @@ def extras_config(
 ) -> ExtrasConfig:
     """``--draw``, ``--save-faces``, ``--faces-json``."""
     return ExtrasConfig(draw=draw, save_faces=save_faces, faces_json=faces_json)
+
+
+def naming_config(*, suffix: str | None, ext: ImageFormat, **_: Any) -> NamingConfig:
+    """``--suffix``, ``--ext``. The suffix goes into file names: no folder, not empty."""
+    if suffix is not None and (suffix.strip(".") == "" or any(c in suffix for c in "/\\")):
+        raise UserError(f"--suffix {suffix!r}: a part of a file name (no / or \\, not empty)")
+    return NamingConfig(suffix=suffix, ext=ext)
 
 
 def preview_config(

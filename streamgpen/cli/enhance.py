@@ -6,12 +6,22 @@ import typer
 
 from streamgpen.cli import options as o
 from streamgpen.cli.build import run_config
-from streamgpen.config import DetectorName, ModelName, Precision, RtspTransport
+from streamgpen.config import (
+    DetectorName,
+    ImageFormat,
+    MaskKind,
+    ModelName,
+    ParserName,
+    Precision,
+    RtspTransport,
+)
 
 
 def enhance(
     source: o.Source,
     output: o.Output = None,
+    suffix: o.Suffix = None,
+    ext: o.Ext = ImageFormat.AUTO,
     save_faces: o.SaveFaces = None,
     faces_json: o.FacesJson = None,
     draw: o.Draw = False,
@@ -27,6 +37,12 @@ def enhance(
     clahe: o.Clahe = False,
     only_center_face: o.OnlyCenterFace = False,
     aligned: o.Aligned = False,
+    mask: o.Mask = MaskKind.PARSE,
+    parse_model: o.ParseModel = ParserName.PARSENET,
+    color_match: o.ColorMatch = False,
+    upscale: o.Upscale = 1.0,
+    bg_upsampler: o.BgUpsampler = "none",
+    bg_tile: o.BgTile = 400,
     detect_every: o.DetectEvery = 5,
     codec: o.Codec = "libx264",
     crf: o.Crf = 18,

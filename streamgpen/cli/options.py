@@ -16,13 +16,22 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from streamgpen.config import DetectorName, ModelName, Precision, RtspTransport
+from streamgpen.config import (
+    DetectorName,
+    ImageFormat,
+    MaskKind,
+    ModelName,
+    ParserName,
+    Precision,
+    RtspTransport,
+)
 from streamgpen.errors import UserError
 
 # The panels of `streamgpen enhance --help`, in the order they are printed.
 IO_PANEL = "Input and output"
 MODEL_PANEL = "Model"
 FACES_PANEL = "Faces"
+UPSCALE_PANEL = "Upscaling"
 VIDEO_PANEL = "Video and streams"
 PERFORMANCE_PANEL = "Performance"
 
@@ -93,6 +102,25 @@ Output = Annotated[
         "inputs need one). " + default("beside the input, NAME_enhanced"),
         metavar="PATH|URL",
         show_default=False,
+        rich_help_panel=IO_PANEL,
+    ),
+]
+Suffix = Annotated[
+    str | None,
+    typer.Option(
+        help="Photos: name each output STEM_TEXT.EXT. "
+        + default("none; enhanced beside the input"),
+        metavar="TEXT",
+        show_default=False,
+        rich_help_panel=IO_PANEL,
+    ),
+]
+Ext = Annotated[
+    ImageFormat,
+    typer.Option(
+        help=f"Photos: the outputs' type: {values(ImageFormat, ' or ')} (auto: the input's).",
+        metavar="EXT",
+        parser=choice(ImageFormat, "output extension"),
         rich_help_panel=IO_PANEL,
     ),
 ]
@@ -241,6 +269,65 @@ Aligned = Annotated[
         help="Photos: the inputs already are aligned faces.",
         metavar=FLAG,
         rich_help_panel=FACES_PANEL,
+    ),
+]
+
+Mask = Annotated[
+    MaskKind,
+    typer.Option(
+        help="Paste-back mask: parse (a face parser's: face, hair, glasses, neck) or box (a "
+        "feathered square).",
+        metavar="KIND",
+        parser=choice(MaskKind, "mask"),
+        rich_help_panel=FACES_PANEL,
+    ),
+]
+ParseModel = Annotated[
+    ParserName,
+    typer.Option(
+        help=f"Face parser for --mask parse: {values(ParserName, ' or ')} (faster).",
+        metavar="NAME",
+        parser=choice(ParserName, "face parser"),
+        rich_help_panel=FACES_PANEL,
+    ),
+]
+ColorMatch = Annotated[
+    bool,
+    typer.Option(
+        "--color-match",
+        help="Give each restored face its input's colour (mean, chroma spread).",
+        metavar=FLAG,
+        rich_help_panel=FACES_PANEL,
+    ),
+]
+
+# Upscaling
+
+Upscale = Annotated[
+    float,
+    typer.Option(
+        help="Output size, times the input's; faces are restored at the output's resolution.",
+        metavar="F",
+        min=1.0,
+        rich_help_panel=UPSCALE_PANEL,
+    ),
+]
+BgUpsampler = Annotated[
+    str,
+    typer.Option(
+        help="Background upscaling with --upscale: none (a resize), RealESRGAN_x2plus, "
+        "RealESRGAN_x4plus, realesr-general-x4v3, or a super-resolution model file.",
+        metavar="NAME|FILE",
+        rich_help_panel=UPSCALE_PANEL,
+    ),
+]
+BgTile = Annotated[
+    int,
+    typer.Option(
+        help="Background network tile size in input pixels (less memory); 0: whole frames.",
+        metavar="PX",
+        min=0,
+        rich_help_panel=UPSCALE_PANEL,
     ),
 ]
 

@@ -30,7 +30,7 @@ def weights_list(weights_dir: WeightsDir = None) -> None:
             spec.kind,
             spec.filename,
             "yes" if (directory / spec.filename).is_file() else "no",
-            weights.source_url(spec) or "none: place the file by hand",
+            weights.source_url(spec),
         )
         for spec in weights.MODELS.values()
     ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import cv2
 import numpy as np
 
@@ -12,8 +14,14 @@ LANDMARK_COLOURS = ((0, 0, 255), (0, 255, 255), (255, 0, 255), (0, 255, 0), (255
 BOX_COLOUR = (0, 255, 0)
 
 
-def draw_faces(bgr: np.ndarray, faces: list[Face], labels: list[str] | None = None) -> np.ndarray:
-    """A copy of ``bgr`` (uint8 or uint16) with each face's box, landmarks and score drawn."""
+def draw_faces(
+    bgr: np.ndarray, faces: list[Face], labels: list[str] | None = None, scale: float = 1.0
+) -> np.ndarray:
+    """A copy of ``bgr`` (uint8 or uint16) with each face's box, landmarks and score drawn.
+
+    ``scale``: the image's size over the one the faces were found in (``--upscale``).
+    """
+    faces = [_scaled(face, scale) for face in faces] if scale != 1 else faces
     out = bgr.copy()
     peak = int(np.iinfo(out.dtype).max)
     scale = peak / 255
@@ -45,8 +53,18 @@ def draw_faces(bgr: np.ndarray, faces: list[Face], labels: list[str] | None = No
     return out
 
 
-def draw_tracked(rgb: np.ndarray, faces: list[TrackedFace]) -> np.ndarray:
-    """A copy of the RGB frame ``rgb`` with each tracked face drawn, labelled ``#track score``."""
+def draw_tracked(rgb: np.ndarray, faces: list[TrackedFace], scale: float = 1.0) -> np.ndarray:
+    """A copy of the RGB frame ``rgb`` with each tracked face drawn, labelled ``#track score``
+    (``scale`` as for :func:`draw_faces`)."""
     labels = [f"#{t.track_id} {t.face.score:.2f}" for t in faces]
-    bgr = draw_faces(rgb[..., ::-1], [t.face for t in faces], labels)
+    bgr = draw_faces(rgb[..., ::-1], [t.face for t in faces], labels, scale)
     return np.ascontiguousarray(bgr[..., ::-1])
+
+
+def _scaled(face: Face, scale: float) -> Face:
+    """``face`` in an image ``scale`` times larger (pixel centres at integers in both)."""
+
+    def move(v: np.ndarray) -> np.ndarray:
+        return (v + 0.5) * scale - 0.5
+
+    return replace(face, box=move(face.box), landmarks=move(face.landmarks))

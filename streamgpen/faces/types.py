@@ -45,14 +45,18 @@ class FaceBatch:
     """The faces of a batch of frames, aligned: what the restorer consumes and the pasting needs.
 
     ``frame_index`` [N] says which frame each face belongs to; ``matrices`` [N, 2, 3] map frame
-    pixels to crop pixels; ``crops`` [N, 3, S, S] are RGB in [-1, 1].
+    pixels to crop pixels; ``crops`` [N, 3, S, S] are RGB in [-1, 1]; ``frame_size`` is the
+    frames' (height, width). The restorer fills ``restored`` (like ``crops``), a face parser
+    ``masks`` [N, 1, S, S] in [0, 1] (None: the feathered box).
     """
 
     faces: list[Face]
     frame_index: torch.Tensor
     matrices: torch.Tensor
     crops: torch.Tensor
+    frame_size: tuple[int, int]
     restored: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
 
 
 def nearest_to_center(faces: list[Face], width: int, height: int) -> int | None:

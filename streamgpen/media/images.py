@@ -369,11 +369,16 @@ def _split_channels(path: Path, image: np.ndarray) -> Photo:
 
 
 def merge_channels(photo: Photo, color: np.ndarray) -> np.ndarray:
-    """The array to write for ``photo`` with its colour replaced: gray and alpha as they were."""
+    """The array to write for ``photo`` with its colour replaced: gray and alpha as they were
+    (the alpha resized with the colour when ``--upscale`` made it larger)."""
+    alpha = photo.alpha
+    if alpha is not None and alpha.shape[:2] != color.shape[:2]:
+        size = (color.shape[1], color.shape[0])
+        alpha = cv2.resize(alpha, size, interpolation=cv2.INTER_LINEAR)
     if photo.grayscale:
         out = cv2.cvtColor(color, cv2.COLOR_BGR2GRAY)
-        return out if photo.alpha is None else np.dstack([out, photo.alpha])
-    return color if photo.alpha is None else np.dstack([color, photo.alpha])
+        return out if alpha is None else np.dstack([out, alpha])
+    return color if alpha is None else np.dstack([color, alpha])
 
 
 def write_image(path: Path, image: np.ndarray, params: list[int] | None = None) -> None:

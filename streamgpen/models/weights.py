@@ -37,13 +37,22 @@ from streamgpen.progress import download_bar
 
 GPEN_URL = "https://public-vigen-video.oss-cn-shanghai.aliyuncs.com/robin/models/{}"
 FACEXLIB_URL = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/{}"
+FACEXLIB_PARSING_URL = "https://github.com/xinntao/facexlib/releases/download/{}"
+REAL_ESRGAN_URL = "https://github.com/xinntao/Real-ESRGAN/releases/download/{}"
+# The GPEN authors publish their high-resolution models ("for selfies") on ModelScope only.
+MODELSCOPE_GPEN_HIRES_URL = (
+    "https://modelscope.cn/api/v1/models/damo/cv_gpen_image-portrait-enhancement-hires/repo"
+    "?Revision=master&FilePath={}"
+)
 ENV_DIR = "STREAMGPEN_WEIGHTS"
 ENV_URL = "STREAMGPEN_WEIGHTS_URL"
 CHUNK = 1 << 16
 TIMEOUT_S = 30
 # Training checkpoints that wrap the generator's state_dict: GPEN's own training script saves
-# {'g': ..., 'd': ..., 'g_ema': ...} (g_ema is the generator to use); Lightning saves 'state_dict'.
-CONTAINER_KEYS = ("g_ema", "state_dict")
+# {'g': ..., 'd': ..., 'g_ema': ...} (g_ema is the generator to use); Lightning saves 'state_dict';
+# basicsr (Real-ESRGAN's releases) saves {'params_ema': ...} or {'params': ...}, the EMA first as
+# Real-ESRGAN's own loader prefers it.
+CONTAINER_KEYS = ("g_ema", "params_ema", "params", "state_dict")
 # The most tensor bytes a checkpoint may declare. The largest released model, GPEN-BFR-1024, holds
 # 285 MB (fp32); a GPEN-512 training checkpoint (g, g_ema, discriminator and both Adam states) is
 # about 1.5 GB by the same count. 2 GiB admits those and refuses a small compressed file that
@@ -56,23 +65,43 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.load's own test for its zip format
 class ModelSpec:
     """A model file streamgpen knows by name.
 
-    ``url`` is None for files that cannot be downloaded automatically: the user places them by
-    hand. ``config`` is set for GPEN models, ``network_name`` (facexlib's) for RetinaFace.
+    ``url`` is where the file is downloaded from (its authors' release). ``config`` is set for
+    GPEN models; ``network_name`` names the architecture of the others: facexlib's RetinaFace
+    network, ``parsenet``/``bisenet`` for face parsing, spandrel's ``RRDBNet``/``SRVGGNetCompact``
+    for super-resolution, whose ``scale`` is set too.
     """
 
     name: str
-    kind: Literal["gpen", "retinaface"]
+    kind: Literal["gpen", "retinaface", "parse", "sr"]
     filename: str
-    url: str | None
+    url: str
     config: GPENConfig | None = None
     network_name: str | None = None
     sha256: str | None = None
+    scale: int | None = None
 
 
-def _gpen(name: str, config: GPENConfig, downloadable: bool = True) -> ModelSpec:
+def _gpen(name: str, config: GPENConfig) -> ModelSpec:
     filename = f"{name}.pth"
-    url = GPEN_URL.format(filename) if downloadable else None
-    return ModelSpec(name, "gpen", filename, url, config=config)
+    return ModelSpec(name, "gpen", filename, GPEN_URL.format(filename), config=config)
+
+
+def _gpen_hires(name: str, config: GPENConfig, modelscope_file: str) -> ModelSpec:
+    # Kept under our name (GPEN-BFR-2048.pth), fetched from ModelScope's file name.
+    url = MODELSCOPE_GPEN_HIRES_URL.format(modelscope_file)
+    return ModelSpec(name, "gpen", f"{name}.pth", url, config=config)
+
+
+def _parsing(network_name: str, release: str) -> ModelSpec:
+    filename = f"parsing_{network_name}.pth"
+    url = FACEXLIB_PARSING_URL.format(f"{release}/{filename}")
+    return ModelSpec(network_name, "parse", filename, url, network_name=network_name)
+
+
+def _real_esrgan(name: str, release: str, network_name: str, scale: int) -> ModelSpec:
+    filename = f"{name}.pth"
+    url = REAL_ESRGAN_URL.format(f"{release}/{filename}")
+    return ModelSpec(name, "sr", filename, url, network_name=network_name, scale=scale)
 
 
 def _retinaface(network_name: str, filename: str, sha256: str | None = None) -> ModelSpec:
@@ -91,8 +120,19 @@ MODELS: dict[str, ModelSpec] = {
     for spec in (
         _gpen("GPEN-BFR-512", GPENConfig(512, channel_multiplier=2, narrow=1)),
         _gpen("GPEN-BFR-256", GPENConfig(256, channel_multiplier=1, narrow=0.5)),
-        # The GPEN authors do not publish the 1024 model; whoever has it places it by hand.
-        _gpen("GPEN-BFR-1024", GPENConfig(1024, channel_multiplier=2, narrow=1), False),
+        _gpen_hires(
+            "GPEN-BFR-1024", GPENConfig(1024, channel_multiplier=2, narrow=1), "pytorch_model.pt"
+        ),
+        _gpen_hires(
+            "GPEN-BFR-2048",
+            GPENConfig(2048, channel_multiplier=2, narrow=1),
+            "pytorch_model-2048.pt",
+        ),
+        _parsing("parsenet", "v0.2.2"),
+        _parsing("bisenet", "v0.2.0"),
+        _real_esrgan("RealESRGAN_x2plus", "v0.2.1", "RRDBNet", 2),
+        _real_esrgan("RealESRGAN_x4plus", "v0.1.0", "RRDBNet", 4),
+        _real_esrgan("realesr-general-x4v3", "v0.2.5.0", "SRVGGNetCompact", 4),
         _retinaface("resnet50", "detection_Resnet50_Final.pth"),
         _retinaface(
             "mobile0.25",
@@ -126,23 +166,17 @@ def get_spec(name: str) -> ModelSpec:
         raise UserError(f"unknown model {name!r}; known: {', '.join(MODELS)}") from None
 
 
-def source_url(spec: ModelSpec, base_url: str | None = None) -> str | None:
+def source_url(spec: ModelSpec, base_url: str | None = None) -> str:
     """Where ``spec`` is downloaded from: ``base_url`` or ``$STREAMGPEN_WEIGHTS_URL`` (a mirror
-    serving every file under its file name) when given, else the official URL (None: none)."""
+    serving every file under its file name) when given, else the official URL."""
     base = base_url or os.environ.get(ENV_URL)
     if base:
         return f"{base.rstrip('/')}/{spec.filename}"
     return spec.url
 
 
-def missing_message(spec: ModelSpec, directory: Path, url: str | None) -> str:
+def missing_message(spec: ModelSpec, directory: Path, url: str) -> str:
     """One line telling the user which file is missing, where to put it and where to get it."""
-    if url is None:
-        return (
-            f"{spec.filename} is not in {directory} and cannot be downloaded automatically "
-            f"(the {spec.name} weights are distributed by their authors on request): "
-            f"place the file in {directory}"
-        )
     return f"{spec.filename} is not in {directory}: download it from {url} into {directory}"
 
 
@@ -174,10 +208,7 @@ def missing_weights(names: list[str], directory: Path) -> str | None:
 
 
 def _where_to_get(spec: ModelSpec) -> str:
-    url = source_url(spec)
-    if url is None:
-        return f"{spec.filename} (not downloadable: its authors distribute it on request)"
-    return f"{spec.filename} from {url}"
+    return f"{spec.filename} from {source_url(spec)}"
 
 
 def ensure(
@@ -186,14 +217,14 @@ def ensure(
     """The path of model ``name``'s file in ``directory``, downloading it if it is missing.
 
     Raises UserError (naming the file, the directory and the URL) when the file is missing and
-    cannot be downloaded: no URL, ``download_missing`` False, or a network failure.
+    cannot be downloaded: ``download_missing`` False, or a network failure.
     """
     spec = get_spec(name)
     path = Path(directory) / spec.filename
     if path.is_file():
         return path
     url = source_url(spec)
-    if url is None or not download_missing:
+    if not download_missing:
         raise UserError(missing_message(spec, Path(directory), url))
     print(f"streamgpen: {spec.filename} is not in {directory}; downloading {url}", file=sys.stderr)
     return download(spec, Path(directory), progress=progress)
@@ -210,8 +241,6 @@ def download(
     fails the check is deleted. Raises UserError on network errors and bad files.
     """
     url = source_url(spec, base_url)
-    if url is None:
-        raise UserError(missing_message(spec, directory, url))
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / spec.filename
     part = final.with_name(final.name + ".part")
@@ -347,6 +376,14 @@ def structure_problem(spec: ModelSpec, state_dict: Mapping[str, torch.Tensor]) -
     """How ``state_dict`` differs from ``spec``'s architecture (one line), or None."""
     if spec.kind == "gpen":
         return shape_mismatch(spec.config, state_dict)
+    if spec.kind == "parse":
+        from streamgpen.faces.parse import parser_problem
+
+        return parser_problem(spec, state_dict)
+    if spec.kind == "sr":
+        from streamgpen.runtime.upsampler import upsampler_problem
+
+        return upsampler_problem(spec, state_dict)
     return compare_shapes(retinaface_shapes(spec.network_name), state_dict)
 
 

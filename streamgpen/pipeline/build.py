@@ -40,7 +40,7 @@ def video_pipeline(
     clock = StageClock(device if sync_stages else None)
     stages = (
         TrackStage(tracker, clock, only_center_face=enhancer.only_center_face),
-        RestoreStage(enhancer, clock),
+        RestoreStage(enhancer, clock, smoother=_smoother(enhancer)),
         DownloadStage(Downloader(device), clock),
     )
     return VideoPipeline(
@@ -52,3 +52,12 @@ def video_pipeline(
         observers=observers,
         options=options,
     )
+
+
+def _smoother(enhancer: Enhancer):
+    """Per-track smoothing of the parsed masks, when the masks are parsed."""
+    if enhancer.parser is None:
+        return None
+    from streamgpen.faces.parse import MaskSmoother
+
+    return MaskSmoother()

@@ -183,7 +183,8 @@ class VideoPipeline:
             start = time.perf_counter()
             image = packet.host.get()
             if self.options.draw or packet.controls.overlay:
-                image = draw_tracked(image, packet.faces)
+                scale = image.shape[1] / packet.image.shape[-1]  # --upscale
+                image = draw_tracked(image, packet.faces, scale)
             self._writing_since = time.monotonic()
             self.sink.write(packet.frame, image)
             self._writing_since = None

@@ -18,8 +18,9 @@ import numpy as np
 from streamgpen.media.facelog import FaceLog
 from streamgpen.pipeline.packet import FramePacket
 
-STAGES = ("decode", "detect_track", "restore", "blend", "download", "encode")
-WORKER_STAGES = ("detect_track", "restore", "blend", "download")  # the device worker's thread
+STAGES = ("decode", "detect_track", "restore", "parse", "upscale", "blend", "download", "encode")
+# The device worker's thread.
+WORKER_STAGES = ("detect_track", "restore", "parse", "upscale", "blend", "download")
 
 
 class Observer(Protocol):

@@ -21,6 +21,7 @@ from streamgpen.pipeline.packet import FramePacket
 
 if TYPE_CHECKING:
     from streamgpen.enhancer import Enhancer
+    from streamgpen.faces.parse import MaskSmoother
     from streamgpen.faces.track import Tracker
     from streamgpen.runtime.transfer import Downloader
 
@@ -114,31 +115,57 @@ class DetectStage:
 
 
 class RestoreStage:
-    """Align every face of the chunk, restore them in one batched call, paste them back with
-    the blend of the chunk's controls snapshot; frames with enhancement off pass through."""
+    """Align every face of the chunk, restore them in one batched call, parse their masks
+    (``--mask parse``), upscale the frames (``--upscale``) and paste the faces back with the
+    blend of the chunk's controls snapshot; frames with enhancement off are only upscaled.
+
+    ``smoother`` (video) steadies each track's parsed mask over the frames.
+    """
 
     name = "restore"
 
-    def __init__(self, enhancer: Enhancer, clock: StageClock):
+    def __init__(
+        self, enhancer: Enhancer, clock: StageClock, *, smoother: MaskSmoother | None = None
+    ):
         self.enhancer = enhancer
         self.clock = clock
+        self.smoother = smoother
 
     def process(self, packets: list[FramePacket]) -> None:
-        if not packets[0].controls.enhance:  # one snapshot per chunk
-            for packet in packets:
-                packet.output = packet.image
-            return
         enhancer = self.enhancer
+        frames = chunk_images(packets)  # [B, 3, H, W]
+        if not packets[0].controls.enhance:  # one snapshot per chunk
+            with self.clock("upscale", packets):
+                out = enhancer.background(frames)  # [B, 3, H', W']
+            for packet, image in zip(packets, out, strict=True):
+                packet.output = image
+            return
         with self.clock(self.name, packets):
-            frames = chunk_images(packets)  # [B, 3, H, W]
             batch = enhancer.align(frames, [faces_of(p) for p in packets])
             enhancer.restore(batch)
+        with self.clock("parse", packets):
+            enhancer.parse(batch)
+            if self.smoother is not None and batch.masks is not None:
+                batch.masks = self._steady(packets, batch.masks)
+        with self.clock("upscale", packets):
+            background = enhancer.background(frames)  # [B, 3, H', W']
         with self.clock("blend", packets):
-            out = enhancer.paste(frames, batch, blend=packets[0].controls.blend)
+            out = enhancer.paste(background, batch, blend=packets[0].controls.blend)
         for packet, image in zip(packets, out, strict=True):
             packet.output = image
         if len(packets) == 1:
             packets[0].batch = batch  # a photo's crops, for --save-faces
+
+    def _steady(self, packets: list[FramePacket], masks: torch.Tensor) -> torch.Tensor:
+        """masks [N, 1, S, S] of the chunk's faces, frame after frame through the smoother."""
+        steady, start = [], 0
+        for packet in packets:
+            if packet.discontinuity:
+                self.smoother.reset()
+            tracks = [t.track_id for t in packet.faces]
+            steady.append(self.smoother(masks[start : start + len(tracks)], tracks))
+            start += len(tracks)
+        return torch.cat(steady)
 
 
 class DownloadStage:
