@@ -171,18 +171,20 @@ def clip_head(path: Path, frames: int) -> Path:
 
 
 def test_upscale_2_video_keeps_timing_and_audio(weights_dir, tmp_path):
-    source = clip_head(tmp_path / "head.mp4", 6)
+    source = clip_head(tmp_path / "head.mp4", 4)
     out = tmp_path / "up.mp4"
-    result = streamgpen(source, "-o", out, "--upscale", "2", weights_dir=weights_dir)
+    result = streamgpen(
+        source, "-o", out, "--upscale", "2", "--preset", "ultrafast", weights_dir=weights_dir
+    )
     assert result.returncode == 0, result.stderr
     (size,) = ffprobe(source, "v:0", "stream=width,height")
     width, height = (int(v) for v in size.split(","))
     assert ffprobe(out, "v:0", "stream=width,height") == [f"{2 * width},{2 * height}"]
     # ffprobe's reading: every frame's pts, and the audio packets' pts and sizes, unchanged.
     assert ffprobe(out, "v:0", "frame=pts") == ffprobe(source, "v:0", "frame=pts")
-    assert len(ffprobe(out, "v:0", "frame=pts")) == 6
+    assert len(ffprobe(out, "v:0", "frame=pts")) == 4
     audio = "packet=pts,size"
-    assert ffprobe(out, "a:0", audio) == ffprobe(source, "a:0", audio)
+    assert ffprobe(out, "a:0", audio) == ffprobe(source, "a:0", audio) != []
 
 
 def test_upscale_photo_cli_and_bad_upsampler(weights_dir, tmp_path, shared_dir):
