@@ -6,6 +6,7 @@ This is the core that photos and video share. Pixels live on the torch device as
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -299,10 +300,11 @@ class Enhancer:
         crops = warp_faces(frames, matrices, self.size, frame_index) * 2 - 1
         return FaceBatch(faces, frame_index, matrices, crops, size)
 
-    def restore(self, batch: FaceBatch) -> FaceBatch:
-        """Run the restorer on the batch's crops (CLAHE first when asked)."""
+    def restore(self, batch: FaceBatch, on_batch: Callable[[int], None] | None = None) -> FaceBatch:
+        """Run the restorer on the batch's crops (CLAHE first when asked); ``on_batch(n)``
+        after each of the restorer's batches."""
         crops = clahe_luminance(batch.crops) if self.clahe else batch.crops
-        batch.restored = self.restorer(crops)
+        batch.restored = self.restorer(crops, on_batch)
         return batch
 
     def parse(self, batch: FaceBatch) -> FaceBatch:

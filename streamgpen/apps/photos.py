@@ -21,7 +21,6 @@ from streamgpen.config import ImageFormat, NamingConfig, value_of
 from streamgpen.enhancer import Enhancer
 from streamgpen.errors import UserError
 from streamgpen.faces.overlay import draw_faces
-from streamgpen.faces.types import FaceBatch
 from streamgpen.files import require_regular_file, same_file
 from streamgpen.media.facelog import FaceLog
 from streamgpen.media.images import (
@@ -194,8 +193,10 @@ class _PhotoRun:
         self.started = time.perf_counter()
         self.progress = PhotoProgress(console=self.console, photos=total, quiet=options.quiet)
         clock = StageClock()
-        reporting = _ReportingRestore(enhancer, self.progress.restored)
-        self.stages = (DetectStage(enhancer, clock), RestoreStage(reporting, clock))
+        self.stages = (
+            DetectStage(enhancer, clock),
+            RestoreStage(enhancer, clock, on_batch=self.progress.restored),
+        )
 
     def enhance(self, source: Path, target: Path, photo: Future, writer) -> tuple:
         """Enhance one decoded photo; (source, faces, the future of its writing)."""
@@ -315,35 +316,6 @@ class PhotoProgress:
             elapsed = self.console.get_time() - self.started
             info = f"{rate(done, elapsed, 'image')}, {summary.faces} faces"
             self.bar.update(self.task, advance=1, info=info)
-
-
-class _ReportingRestore:
-    """The enhancer as :class:`RestoreStage` uses it, except that its faces go through the
-    restorer one batch at a time, each reported to ``on_batch(faces)``: a photo's bar moves
-    while its faces are restored. The figures are the same: the restorer runs batches of
-    ``batch_size`` in any case."""
-
-    def __init__(self, enhancer: Enhancer, on_batch: Callable[[int], None]):
-        self._enhancer, self._on_batch = enhancer, on_batch
-
-    def __getattr__(self, name: str):
-        return getattr(self._enhancer, name)  # align, paste...: the enhancer's own
-
-    def restore(self, batch: FaceBatch) -> FaceBatch:
-        """:meth:`Enhancer.restore`, batch by batch: [N, 3, S, S] crops to ``batch.restored``."""
-        step, crops = self._enhancer.restorer.batch_size, batch.crops
-        if crops.shape[0] <= step:  # one batch (or none): nothing to split
-            self._enhancer.restore(batch)
-            if crops.shape[0]:
-                self._on_batch(crops.shape[0])
-            return batch
-        parts = []
-        for start in range(0, crops.shape[0], step):
-            part = replace(batch, crops=crops[start : start + step])
-            parts.append(self._enhancer.restore(part).restored)
-            self._on_batch(part.crops.shape[0])
-        batch.restored = torch.cat(parts)
-        return batch
 
 
 def _written_to(pairs: list[tuple[Path, Path]]) -> Path | None:

@@ -10,7 +10,7 @@ Shapes: B frames in the chunk, N faces in it, H/W frame size, S crop size.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Protocol
 
@@ -119,17 +119,24 @@ class RestoreStage:
     (``--mask parse``), upscale the frames (``--upscale``) and paste the faces back with the
     blend of the chunk's controls snapshot; frames with enhancement off are only upscaled.
 
-    ``smoother`` (video) steadies each track's parsed mask over the frames.
+    ``smoother`` (video) steadies each track's parsed mask over the frames; ``on_batch(n)`` hears
+    of each batch of n faces restored (a photo's progress).
     """
 
     name = "restore"
 
     def __init__(
-        self, enhancer: Enhancer, clock: StageClock, *, smoother: MaskSmoother | None = None
+        self,
+        enhancer: Enhancer,
+        clock: StageClock,
+        *,
+        smoother: MaskSmoother | None = None,
+        on_batch: Callable[[int], None] | None = None,
     ):
         self.enhancer = enhancer
         self.clock = clock
         self.smoother = smoother
+        self.on_batch = on_batch
 
     def process(self, packets: list[FramePacket]) -> None:
         enhancer = self.enhancer
@@ -142,7 +149,7 @@ class RestoreStage:
             return
         with self.clock(self.name, packets):
             batch = enhancer.align(frames, [faces_of(p) for p in packets])
-            enhancer.restore(batch)
+            enhancer.restore(batch, self.on_batch)
         with self.clock("parse", packets):
             enhancer.parse(batch)
             if self.smoother is not None and batch.masks is not None:

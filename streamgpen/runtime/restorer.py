@@ -215,14 +215,22 @@ class Restorer:
         return self._bucket(bucket_for(x.shape[0], self._sizes))(x)
 
     @torch.inference_mode()
-    def __call__(self, crops: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, crops: torch.Tensor, on_batch: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
         """Restore ``crops`` [N, 3, S, S] RGB in [-1, 1] (any N, any device) -> [N, 3, S, S]
-        fp32 in [-1, 1] on ``device``."""
-        if self.is_identity or crops.shape[0] == 0:
+        fp32 in [-1, 1] on ``device``; ``on_batch(n)`` after each batch of n is queued (a
+        photo's progress)."""
+        if self.is_identity:  # the crops themselves, still counted batch by batch
+            for i in range(0, crops.shape[0], self.batch_size):
+                if on_batch is not None:
+                    on_batch(min(self.batch_size, crops.shape[0] - i))
             return crops
         crops = crops.to(self.device, torch.float32)
         out = torch.empty_like(crops)
         for i in range(0, crops.shape[0], self.batch_size):
             chunk = crops[i : i + self.batch_size]
             out[i : i + chunk.shape[0]] = self._run(chunk)
+            if on_batch is not None:
+                on_batch(chunk.shape[0])
         return out
