@@ -231,3 +231,30 @@ class RunConfig:
     naming: NamingConfig = field(default_factory=NamingConfig)
     preview: PreviewConfig | None = None
     quiet: bool = False
+
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceLimits:
+    """What the service accepts and holds.
+
+    ``max_image_bytes``/``max_image_pixels``: one photo upload (413 beyond; the pixels are read
+    from the header before decoding). ``max_video_bytes``: one job's upload. ``max_queue``:
+    image requests waiting for the device (503 with Retry-After beyond). ``batch_window_s``: how
+    long the device worker waits for more requests to join a round once one is in.
+    ``spool_quota_bytes``: the spool's size (uploads and results) beyond which new jobs are
+    refused. ``max_jobs``: jobs queued or running. ``max_streams``: live streams at once.
+    ``source_dir``: the one folder whose files a job may name as its ``source`` (None: none).
+    """
+
+    max_image_bytes: int = 64 * MiB
+    max_image_pixels: int = 100_000_000
+    max_video_bytes: int = 8192 * MiB
+    max_queue: int = 64
+    batch_window_s: float = 0.01
+    spool_quota_bytes: int = 20 * 1024 * MiB
+    max_jobs: int = 32
+    max_streams: int = 8
+    source_dir: Path | None = None

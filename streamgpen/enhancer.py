@@ -6,7 +6,8 @@ This is the core that photos and video share. Pixels live on the torch device as
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -216,6 +217,45 @@ class Enhancer:
         self.color_match = faces.color_match
         self.upscale = float(config.upscale.factor)
 
+    def with_options(
+        self,
+        *,
+        blend: float | None = None,
+        upscale: float | None = None,
+        only_center_face: bool | None = None,
+        mask: MaskKind | str | None = None,
+    ) -> Enhancer:
+        """A copy that shares this enhancer's models (nothing is loaded) with a request's own
+        blend, upscale factor, centre-face choice or paste mask; None keeps this one's.
+
+        ``mask="parse"`` needs the face parser this enhancer was built with (``UserError``
+        otherwise); ``mask="box"`` pastes the feathered box.
+        """
+        faces = self.config.faces
+        changes = {
+            "blend": faces.blend if blend is None else blend,
+            "only_center_face": faces.only_center_face
+            if only_center_face is None
+            else only_center_face,
+            "mask": faces.mask if mask is None else MaskKind(value_of(mask)),
+        }
+        if changes["mask"] == MaskKind.PARSE and self.parser is None:
+            raise UserError("mask parse: this enhancer was started without a face parser")
+        factor = self.config.upscale.factor if upscale is None else upscale
+        if not 0.0 <= changes["blend"] <= 1.0 or not factor >= 1:
+            raise UserError(f"blend must be in [0, 1] and upscale 1 or more, not {blend}, {factor}")
+        view = copy.copy(self)  # the models are shared; only the attributes below differ
+        view.config = replace(
+            self.config,
+            faces=replace(faces, **changes),
+            upscale=replace(self.config.upscale, factor=factor),
+        )
+        view.parser = self.parser if changes["mask"] == MaskKind.PARSE else None
+        view.blend = changes["blend"]
+        view.only_center_face = changes["only_center_face"]
+        view.upscale = float(factor)
+        return view
+
     def warmup(self, height: int = 720, width: int = 1280) -> None:
         """Run every stage once at start-up (CUDA graph capture, cuDNN autotuning), so the first
         frame is not slower than the others."""
@@ -303,15 +343,37 @@ class Enhancer:
     def restore(self, batch: FaceBatch, on_batch: Callable[[int], None] | None = None) -> FaceBatch:
         """Run the restorer on the batch's crops (CLAHE first when asked); ``on_batch(n)``
         after each of the restorer's batches."""
-        crops = clahe_luminance(batch.crops) if self.clahe else batch.crops
-        batch.restored = self.restorer(crops, on_batch)
+        self.restore_many([batch], on_batch)
         return batch
+
+    def restore_many(
+        self, batches: Sequence[FaceBatch], on_batch: Callable[[int], None] | None = None
+    ) -> None:
+        """Restore the faces of several batches (images of any sizes: every crop has the
+        model's size) in one restorer call, so that they share its device batches; each batch
+        gets its own ``restored``. The service batches concurrent requests so."""
+        crops = torch.cat([b.crops for b in batches])  # [N, 3, S, S], N over all batches
+        if self.clahe:
+            crops = clahe_luminance(crops)
+        restored = self.restorer(crops, on_batch)
+        for batch, part in zip(
+            batches, restored.split([len(b.faces) for b in batches]), strict=True
+        ):
+            batch.restored = part
 
     def parse(self, batch: FaceBatch) -> FaceBatch:
         """The paste masks of the restored faces (``--mask parse``), one parser call per batch."""
-        if self.parser is not None and batch.faces:
-            batch.masks = self.parser.masks(batch.restored)
+        self.parse_many([batch])
         return batch
+
+    def parse_many(self, batches: Sequence[FaceBatch]) -> None:
+        """:meth:`parse` of several batches in one parser call (see :meth:`restore_many`)."""
+        batches = [b for b in batches if b.faces]
+        if self.parser is None or not batches:
+            return
+        masks = self.parser.masks(torch.cat([b.restored for b in batches]))
+        for batch, part in zip(batches, masks.split([len(b.faces) for b in batches]), strict=True):
+            batch.masks = part
 
     def background(self, frames: torch.Tensor) -> torch.Tensor:
         """The frames [B, 3, H, W] at the output's size (``--upscale``: the background upsampler's

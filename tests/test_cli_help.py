@@ -171,3 +171,17 @@ def test_weights_list_is_one_table_when_wide(tmp_path):
         "name", "kind", "file", "present", "url",
     ]  # fmt: skip
     assert "URLs:" not in text
+
+
+def test_serve_help_fits_80_columns_with_the_service_panel_first():
+    text = render("serve", "--help")
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    titles = [m.group(1) for line in lines if (m := re.match(r"╭─ (.+?) ─", line))]
+    assert titles[:2] == ["Options", "Service"] and "Model" in titles and "Faces" in titles
+    rows = option_rows(text)
+    assert rows["--host"].endswith("[default: 127.0.0.1]")
+    assert rows["--port"].endswith("[default: 8000]")
+    assert rows["--batch-window"].endswith("[default: 10.0]")
+    # What a request cannot carry is not offered: photos' and files' outputs are the request's.
+    assert not {"--output", "--suffix", "--preview", "--draw", "--aligned"} & rows.keys()

@@ -93,6 +93,26 @@ def test_a_closed_channel_is_drained_before_it_ends():
     assert channel.get_many(8, wait_for_more=True) == [0, 1, 2]
 
 
+def test_offer_refuses_when_full_and_a_window_collects_what_comes_within_it():
+    stop = threading.Event()
+    channel: Channel[int] = Channel(2, stop=stop)
+    assert channel.offer(1) and channel.offer(2)
+    assert not channel.offer(3)  # full: refused at once, nothing dropped
+    assert channel.drain() == [1, 2] and len(channel) == 0
+    # The service's batching window: items that come within 0.3 s of the first join it, a later
+    # one waits for the next call. (Put at 0.05 s and 0.6 s: margins of 0.25 s both ways.)
+    channel.put(10)
+    late = threading.Timer(0.6, channel.put, (12,))
+    threading.Timer(0.05, channel.put, (11,)).start()
+    late.start()
+    started = time.monotonic()
+    assert channel.get_many(8, wait_for_more=False, window=0.3) == [10, 11]
+    assert 0.25 < time.monotonic() - started < 0.55
+    assert channel.get_many(8, wait_for_more=False, window=0) == [12]
+    stop.set()
+    assert not channel.offer(4)
+
+
 def test_bad_controls_are_refused_with_the_key_named():
     assert Controls().updated({"blend": 0}).blend == 0.0
     for bad in ({"blend": 10**400}, {"blend": True}, {"blend": float("nan")}, {"speed": 1}):
@@ -116,8 +136,12 @@ def _imports(path: Path) -> set[str]:
 
 def test_the_engine_imports_no_ui_and_the_device_layer_no_media():
     for path in (PACKAGE / "pipeline").glob("*.py"):
-        ui = {m for m in _imports(path) if m.startswith(("streamgpen.preview", "streamgpen.cli"))}
+        above = ("streamgpen.preview", "streamgpen.cli", "streamgpen.web", "streamgpen.service")
+        ui = {m for m in _imports(path) if m.startswith(above)}
         assert not ui | {m for m in _imports(path) if m in ("rich", "typer")}, path
+    for path in (PACKAGE / "web").glob("*.py"):  # plumbing: it knows no page and no service
+        above = ("streamgpen.preview", "streamgpen.service", "streamgpen.apps", "streamgpen.cli")
+        assert not {m for m in _imports(path) if m.startswith(above)}, path
     for path in (PACKAGE / "runtime").glob("*.py"):
         assert not {m for m in _imports(path) if m == "av" or "media" in m}, path
 

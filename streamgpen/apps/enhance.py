@@ -30,7 +30,7 @@ def run(config: RunConfig) -> int:
         if is_photo:
             return _photos(config, path, console)
         preview = _preview(config, stack, console)
-        enhancer = _enhancer(config)
+        enhancer = load_enhancer(config)
         announce(config, enhancer, console)
         from streamgpen.apps.videos import enhance_video
 
@@ -55,7 +55,7 @@ def _photos(config: RunConfig, path: Path, console) -> int:
     from streamgpen.apps.photos import PhotoOptions, enhance_photos, plan_outputs
 
     pairs = plan_outputs(path, config.output, config.naming)
-    enhancer = _enhancer(config)
+    enhancer = load_enhancer(config)
     announce(config, enhancer, console)
     extras = config.extras
     options = PhotoOptions(
@@ -69,7 +69,7 @@ def _photos(config: RunConfig, path: Path, console) -> int:
     return 1 if summary.failed else 0
 
 
-def _enhancer(config: RunConfig):
+def load_enhancer(config: RunConfig):
     """The enhancer, after checking that every weights file the run needs is there (or can be
     downloaded): one message names all that are missing."""
     from streamgpen.enhancer import Enhancer, required_weights

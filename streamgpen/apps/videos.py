@@ -8,8 +8,11 @@ frames written so far.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from contextlib import ExitStack
+import threading
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 
 from rich.console import Console
@@ -24,7 +27,7 @@ from streamgpen.media.urls import is_live_input
 from streamgpen.media.video import VideoSource, open_source
 from streamgpen.pipeline.build import video_pipeline
 from streamgpen.pipeline.engine import EngineOptions
-from streamgpen.pipeline.observers import FaceLogObserver, RunStats
+from streamgpen.pipeline.observers import FaceLogObserver, Observer, RunStats
 from streamgpen.pipeline.packet import FramePacket
 from streamgpen.progress import duration, rate, task_bar
 
@@ -51,24 +54,33 @@ def enhance_video(
     *,
     console: Console,
     preview=None,
+    observers: Sequence[Observer] = (),
+    stop: threading.Event | None = None,
+    device_lock: AbstractContextManager | None = None,
 ) -> RunStats:
     """Enhance every frame of ``config.input`` into ``config.output``.
 
-    ``preview`` is a started preview server (or None): it gets every frame and gives the controls.
+    ``preview`` is a started preview server or a mounted preview (or None): it gets every frame
+    and gives the controls. ``observers`` also see every written frame (a service job's
+    progress); setting ``stop`` ends the run early with a finished output of the frames so far;
+    ``device_lock`` is held while the enhancer runs (the service's runs share one device).
     On Ctrl-C/SIGTERM the output is finalised (a playable file of the frames so far) and
     KeyboardInterrupt is re-raised for the caller to exit with 130.
     """
+    device_lock = device_lock if device_lock is not None else contextlib.nullcontext()
     # GPEN's graphs (and compilation) before connecting: seconds to minutes during which a live
     # stream would not be read. The detector, cheap to prepare, waits for the frame size below.
-    enhancer.restorer.warmup()
+    with device_lock:
+        enhancer.restorer.warmup()
     with ExitStack() as stack:
         source = stack.enter_context(_open_source(config))
         output = config.output or ("null" if preview is not None else None)
         output = output or default_output(config.input)
         sink = stack.enter_context(_Closing(_open_sink(config, source, output)))
-        observers = _observers(config, stack, preview, enhancer)
+        observers = [*_observers(config, stack, preview, enhancer), *observers]
         if enhancer.device.type == "cuda":
-            enhancer.warmup(source.height, source.width)  # the restorer's part is done already
+            with device_lock:
+                enhancer.warmup(source.height, source.width)  # the restorer's part is done
         pipeline = video_pipeline(
             source=source,
             sink=sink,
@@ -79,6 +91,8 @@ def enhance_video(
                 draw=config.extras.draw, sink_timeout=config.video.source.timeout
             ),
             controls=(lambda: preview.controls) if preview is not None else None,
+            stop=stop,
+            device_lock=device_lock,
         )
         return _run(pipeline, source, output, console, quiet=config.quiet)
 

@@ -177,8 +177,8 @@ def preview_config(
         if preview_token is not None:
             raise UserError("--preview-token needs --preview [HOST:]PORT")
         return None
-    # Imported here: the preview package imports cv2, which `--help` should not wait for.
-    from streamgpen.preview.server import parse_bind
+    # Imported here: starlette and uvicorn, which `--help` should not wait for.
+    from streamgpen.web.server import parse_bind
 
     try:
         host, port = parse_bind(preview)

@@ -40,13 +40,7 @@ class FaceLog:
         record["frame"] = frame
         if pts is not None or file is None:
             record["pts"] = pts
-        record.update(
-            track=track,
-            box=[round(float(v), 2) for v in face.box],
-            landmarks=[[round(float(x), 2), round(float(y), 2)] for x, y in face.landmarks],
-            score=round(float(face.score), 4),
-            detector_run=detector_run,
-        )
+        record.update(track=track, **face_record(face), detector_run=detector_run)
         self._file.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
@@ -58,3 +52,12 @@ class FaceLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def face_record(face: Face) -> dict:
+    """A face as JSON data: box, landmarks (pixels, 2 decimals) and score (also the service's)."""
+    return {
+        "box": [round(float(v), 2) for v in face.box],
+        "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in face.landmarks],
+        "score": round(float(face.score), 4),
+    }

@@ -12,6 +12,11 @@ from __future__ import annotations
 # reconnect).
 LIVE_INPUT_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "srt", "tcp", "rtp")
 
+# Network inputs a service request may name: those that only connect out to a server. Not tcp,
+# udp, rtp or srt, which libavformat also opens as a listener (``tcp://0.0.0.0:9?listen=1``,
+# ``srt://...?mode=listener``): a request must not make the service listen on a port.
+CONNECTING_INPUT_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https")
+
 # Outputs streamgpen publishes to a server rather than writes to a file.
 PUBLISH_SCHEMES = ("rtsp", "rtsps")
 
@@ -32,6 +37,11 @@ def is_webcam(spec: str) -> bool:
 def is_live_input(spec: str) -> bool:
     """Whether ``spec`` is a live input: a network URL of a known scheme or ``webcam:N``."""
     return is_webcam(spec) or url_scheme(spec) in LIVE_INPUT_SCHEMES
+
+
+def connects_out(spec: str) -> bool:
+    """Whether ``spec`` is a network input that only connects out (what a request may name)."""
+    return url_scheme(spec) in CONNECTING_INPUT_SCHEMES
 
 
 def is_publish_url(spec: str) -> bool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
 from streamgpen.enhancer import Enhancer
 from streamgpen.faces.track import Tracker
@@ -26,12 +28,16 @@ def video_pipeline(
     controls: Callable[[], Controls] | None = None,
     yuv_on_device: bool | None = None,
     sync_stages: bool = False,
+    stop: threading.Event | None = None,
+    device_lock: AbstractContextManager | None = None,
 ) -> VideoPipeline:
     """source -> track -> restore (align, GPEN, paste) -> download -> sink, with ``observers``.
 
     ``controls`` gives the live controls (a viewer's); by default the enhancer's blend, on.
     ``yuv_on_device`` (default: on CUDA) uploads 4:2:0 planes and converts them there;
-    ``sync_stages`` synchronises the worker's stream at each stage's end (bench's figures).
+    ``sync_stages`` synchronises the worker's stream at each stage's end (bench's figures);
+    ``stop`` and ``device_lock`` are :class:`VideoPipeline`'s (an early end; the lock of a
+    device shared with other runs).
     """
     device = enhancer.device
     if controls is None:
@@ -51,6 +57,8 @@ def video_pipeline(
         controls=controls,
         observers=observers,
         options=options,
+        stop=stop,
+        device_lock=device_lock,
     )
 
 

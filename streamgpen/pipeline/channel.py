@@ -93,17 +93,42 @@ class Channel(Generic[T]):
             self._cond.notify_all()
             return item
 
-    def get_many(self, limit: int, *, wait_for_more: bool) -> list[T]:
+    def offer(self, item: T) -> bool:
+        """Hand ``item`` over only if there is room now; False (nothing waits, nothing is
+        dropped) when the channel is full or the run stopped: the caller refuses the work."""
+        with self._cond:
+            if len(self._items) >= self.maxsize or self._stop.is_set():
+                return False
+            self._items.append(item)
+            self._cond.notify_all()
+            return True
+
+    def get_many(self, limit: int, *, wait_for_more: bool, window: float | None = None) -> list[T]:
         """One item (waiting for it), then up to ``limit`` in all: those already waiting, or,
         with ``wait_for_more``, waiting for each (a file fills whole chunks; a live source takes
-        what is there). Raises :class:`Closed` only when not even the first item comes."""
+        what is there), or, with a ``window`` in seconds, those that come within it of the first
+        (the service's requests batch so). Raises :class:`Closed` only when not even the first
+        item comes."""
         items = [self.get()]
+        deadline = None if window is None else _now() + window
         while len(items) < limit:
+            if deadline is not None:
+                timeout = max(0.0, deadline - _now())
+            else:
+                timeout = None if wait_for_more else 0
             try:
-                items.append(self.get(timeout=None if wait_for_more else 0))
+                items.append(self.get(timeout=timeout))
             except (Closed, TimeoutError):
                 break
         return items
+
+    def drain(self) -> list[T]:
+        """Take every item waiting, without waiting (what a stopped consumer leaves behind)."""
+        with self._cond:
+            items = list(self._items)
+            self._items.clear()
+            self._cond.notify_all()
+            return items
 
     def close(self) -> None:
         """No more items will come; ``get`` raises :class:`Closed` once the rest is taken."""

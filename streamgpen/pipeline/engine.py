@@ -16,9 +16,11 @@ written above it.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from streamgpen.errors import UserError
@@ -69,15 +71,24 @@ class VideoPipeline:
         controls: Callable[[], Controls],
         observers: Sequence[Observer] = (),
         options: EngineOptions = EngineOptions(),
+        stop: threading.Event | None = None,
+        device_lock: AbstractContextManager | None = None,
     ):
-        """``controls`` gives the current controls' snapshot (read once per chunk)."""
+        """``controls`` gives the current controls' snapshot (read once per chunk).
+
+        ``stop``: an event the caller may set to end the run early (a job canceled); what was
+        processed is written and ``run()`` returns. ``device_lock``: held while the stages run on a
+        chunk, so runs that share one enhancer (the service's jobs, streams and image batches)
+        take turns on it; the decoder and encoder threads never wait for it.
+        """
         self.source, self.sink, self.stages = source, sink, list(stages)
         self.uploader = uploader
         self.controls = controls
         self.observers = list(observers)
         self.options = options
         self.stats = RunStats()
-        self.stop = threading.Event()
+        self.stop = stop if stop is not None else threading.Event()
+        self._device_lock = device_lock if device_lock is not None else contextlib.nullcontext()
         live = source.is_live
         depth = LIVE_DEPTH if live else FILE_DEPTH
         self._chunk = min(options.frames_per_chunk, depth)
@@ -168,8 +179,9 @@ class VideoPipeline:
             controls = self.controls()  # one immutable snapshot per chunk
             for packet in chunk:
                 packet.controls = controls
-            for stage in self.stages:
-                stage.process(chunk)
+            with self._device_lock:
+                for stage in self.stages:
+                    stage.process(chunk)
             for packet in chunk:
                 if not self._outbox.put(packet):
                     return
