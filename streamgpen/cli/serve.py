@@ -165,10 +165,18 @@ def serve(
     The enhancement options are the requests' defaults; a request may change blend, upscale,
     only_center_face and mask.
     """
-    from streamgpen.config import MiB, ServiceLimits
+    options = dict(locals())
+    config = _run_config({k: v for k, v in options.items() if k not in _SERVICE_KEYS})
+    limits = _limits(**{k: options[k] for k in _LIMIT_KEYS})
+    from streamgpen.apps import serve as app  # torch and uvicorn: not for --help
 
-    settings = {k: v for k, v in locals().items() if k not in _SERVICE_KEYS}
-    config = run_config(
+    raise typer.Exit(app.run(config, limits=limits, host=host, port=port, token=token, spool=spool))
+
+
+def _run_config(settings: dict):
+    """The requests' defaults: ``enhance``'s configuration without an input or output of its own
+    (each job and stream gets its own)."""
+    return run_config(
         source="",
         output=None,
         draw=False,
@@ -184,7 +192,22 @@ def serve(
         preview_token=None,
         **settings,
     )
-    limits = ServiceLimits(
+
+
+def _limits(
+    *,
+    spool_quota: float,
+    source_dir: Path | None,
+    max_image_mb: float,
+    max_pixels: float,
+    max_video_mb: float,
+    max_queue: int,
+    batch_window: float,
+):
+    """The options' units (MiB, Mpx, GiB, ms) as the service's limits (bytes, pixels, s)."""
+    from streamgpen.config import MiB, ServiceLimits
+
+    return ServiceLimits(
         max_image_bytes=int(max_image_mb * MiB),
         max_image_pixels=int(max_pixels * 1e6),
         max_video_bytes=int(max_video_mb * MiB),
@@ -193,12 +216,10 @@ def serve(
         spool_quota_bytes=int(spool_quota * 1024 * MiB),
         source_dir=source_dir,
     )
-    from streamgpen.apps import serve as app  # torch and uvicorn: not for --help
-
-    raise typer.Exit(app.run(config, limits=limits, host=host, port=port, token=token, spool=spool))
 
 
-_SERVICE_KEYS = {
-    "host", "port", "token", "spool", "spool_quota", "source_dir", "max_image_mb", "max_pixels",
-    "max_video_mb", "max_queue", "batch_window",
-}  # fmt: skip
+_LIMIT_KEYS = (
+    "spool_quota", "source_dir", "max_image_mb", "max_pixels", "max_video_mb", "max_queue",
+    "batch_window",
+)  # fmt: skip
+_SERVICE_KEYS = {"host", "port", "token", "spool", *_LIMIT_KEYS}

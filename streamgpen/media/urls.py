@@ -8,6 +8,8 @@ An input is *live* when it is a network URL of one of :data:`LIVE_INPUT_SCHEMES`
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 # Network inputs libavformat opens by URL; each is read as a live stream (no frame count, may
 # reconnect).
 LIVE_INPUT_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "srt", "tcp", "rtp")
@@ -47,3 +49,17 @@ def connects_out(spec: str) -> bool:
 def is_publish_url(spec: str) -> bool:
     """Whether the output ``spec`` is a stream to publish (``rtsp://``, ``rtsps://``)."""
     return url_scheme(spec) in PUBLISH_SCHEMES
+
+
+def redacted(url: str) -> str:
+    """``url`` with its password masked (``rtsp://user:***@cam/1``): what listings, errors and
+    logs may show of a camera's address."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if not password:
+        return url
+    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()

@@ -9,6 +9,8 @@ chunk), the metrics, the spool folder and the limits. Routes live with their man
 
 from __future__ import annotations
 
+import re
+import secrets
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +21,15 @@ from streamgpen.enhancer import Enhancer
 from streamgpen.errors import UserError
 from streamgpen.service.metrics import Metrics
 from streamgpen.web.responses import HttpError
+
+# The ids of jobs, streams and uploads: 64 random bits as hex, checked before a path is made.
+ID_PATTERN = re.compile(r"[0-9a-f]{16}")
+
+
+def new_id() -> str:
+    """A fresh id for a job, a stream or an upload (``ID_PATTERN``)."""
+    return secrets.token_hex(8)
+
 
 # What a request may change: the paste, not the models (loaded once for every request).
 REQUEST_OPTIONS = ("blend", "upscale", "only_center_face", "mask")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
 from pathlib import Path
 
 import cv2
@@ -26,7 +25,7 @@ from streamgpen.errors import UserError
 from streamgpen.media.facelog import face_record
 from streamgpen.media.images import image_size, merge_channels, read_photo
 from streamgpen.service.batcher import ImageRequest, QueueFull
-from streamgpen.service.core import REQUEST_OPTIONS, Service
+from streamgpen.service.core import REQUEST_OPTIONS, Service, new_id
 from streamgpen.service.uploads import receive_upload
 from streamgpen.web.responses import HttpError, json_response
 
@@ -65,7 +64,7 @@ async def enhance_image(request: Request) -> Response:
     """
     service: Service = request.app.state.service
     limits = service.limits
-    target = service.spool / "uploads" / f"{secrets.token_hex(8)}.upload"
+    target = service.spool / "uploads" / f"{new_id()}.upload"
     try:
         upload = await receive_upload(request, target, max_bytes=limits.max_image_bytes)
         params = {**request.query_params, **upload.fields}

@@ -21,8 +21,6 @@ import io
 import json
 import logging
 import os
-import re
-import secrets
 import shutil
 import threading
 import time
@@ -40,17 +38,17 @@ from starlette.routing import BaseRoute, Route
 from streamgpen.apps.videos import VIDEO_EXTENSIONS, enhance_video
 from streamgpen.errors import UserError
 from streamgpen.files import atomic_path, remove_stale
-from streamgpen.media.urls import CONNECTING_INPUT_SCHEMES, is_webcam, url_scheme
+from streamgpen.media.urls import CONNECTING_INPUT_SCHEMES, is_webcam, redacted, url_scheme
 from streamgpen.media.video import open_source
 from streamgpen.pipeline.observers import RunStats
 from streamgpen.pipeline.packet import FramePacket
+from streamgpen.service.core import ID_PATTERN, new_id
 from streamgpen.service.metrics import JOB_STATES
 from streamgpen.service.uploads import content_length, receive_upload, refuse_oversized
 from streamgpen.web.responses import HttpError, json_response, read_json
 
 log = logging.getLogger(__name__)
 
-JOB_ID = re.compile(r"[0-9a-f]{16}")
 ACTIVE = ("queued", "running")
 FINISHED = ("succeeded", "failed", "canceled")
 JOB_FILE = "job.json"
@@ -223,7 +221,7 @@ class JobManager:
     def find(self, job_id: str) -> Job:
         """The job of ``job_id``; 404 for an unknown one or one that is no job id at all (the
         id is checked before it names anything)."""
-        job = self._jobs.get(job_id) if JOB_ID.fullmatch(job_id) else None
+        job = self._jobs.get(job_id) if ID_PATTERN.fullmatch(job_id) else None
         if job is None:
             raise HttpError(404, "no such job")
         return job
@@ -280,7 +278,7 @@ class JobManager:
         room = self._room(content_length(request) or 0)
         # A chunked upload declares nothing: it is cut where it would cross the quota.
         cap = min(limits.max_video_bytes, room)
-        job_id = secrets.token_hex(8)
+        job_id = new_id()
         folder = self.root / job_id
         try:
             upload = await receive_upload(request, folder / UPLOAD_FILE, max_bytes=cap)
@@ -312,7 +310,7 @@ class JobManager:
         self.service.request_enhancer(options)
         spec, source = self._source(body["source"])
         self._room(0)
-        job_id = secrets.token_hex(8)
+        job_id = new_id()
         folder = self.root / job_id
         folder.mkdir(parents=True)
         return Job(id=job_id, folder=folder, input=spec, source=source, options=options)
@@ -326,7 +324,7 @@ class JobManager:
             if scheme not in CONNECTING_INPUT_SCHEMES:
                 known = ", ".join(f"{s}://" for s in CONNECTING_INPUT_SCHEMES)
                 raise HttpError(400, f"a job's source URL may be {known}, not {scheme}://")
-            return spec, {"kind": "url", "url": _without_credentials(spec)}
+            return spec, {"kind": "url", "url": redacted(spec)}
         path = source_file(spec, self.service.limits.source_dir)
         relative = path.relative_to(Path(self.service.limits.source_dir).resolve())
         return str(path), {"kind": "file", "path": relative.as_posix()}
@@ -443,7 +441,7 @@ class JobManager:
         """The jobs of the spool, oldest first."""
         jobs = []
         for folder in sorted(self.root.iterdir()):
-            if not JOB_ID.fullmatch(folder.name) or not folder.is_dir():
+            if not ID_PATTERN.fullmatch(folder.name) or not folder.is_dir():
                 continue
             record = folder / JOB_FILE
             if not record.exists():  # an upload the server stopped during: nobody knows of it
@@ -578,10 +576,3 @@ def spool_bytes(spool: Path) -> int:
             with contextlib.suppress(OSError):  # removed meanwhile
                 total += os.lstat(os.path.join(folder, name)).st_size
     return total
-
-
-def _without_credentials(url: str) -> str:
-    """``rtsp://cam/1`` for ``rtsp://user:secret@cam/1``: the description clients see."""
-    scheme, _, rest = url.partition("://")
-    authority, slash, path = rest.partition("/")
-    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"

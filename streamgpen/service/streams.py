@@ -27,7 +27,6 @@ from __future__ import annotations
 import io
 import logging
 import re
-import secrets
 import shutil
 import threading
 import time
@@ -35,8 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from typing import Any
 
 from fastapi.routing import APIRoute
 from rich.console import Console
@@ -50,18 +48,15 @@ from streamgpen.apps.videos import enhance_video
 from streamgpen.config import RunConfig
 from streamgpen.enhancer import Enhancer
 from streamgpen.errors import UserError
-from streamgpen.media.urls import connects_out, is_publish_url, is_webcam
+from streamgpen.media.urls import connects_out, is_publish_url, is_webcam, redacted
 from streamgpen.pipeline.observers import RunStats
 from streamgpen.pipeline.packet import Controls, FramePacket
 from streamgpen.preview import PreviewState, preview_app
+from streamgpen.service.core import ID_PATTERN, Service, new_id
 from streamgpen.web.responses import HttpError, error_response, json_response, read_json
-
-if TYPE_CHECKING:
-    from streamgpen.service.core import Service
 
 log = logging.getLogger(__name__)
 
-STREAM_ID = re.compile(r"[0-9a-f]{16}")
 CAMERA = re.compile(r"webcam:[0-9]{1,3}")
 FIELDS = ("source", "sink", "preview", "options")
 TAGS = ["streams"]
@@ -139,19 +134,6 @@ def _check_url(name: str, value: Any) -> None:
         raise HttpError(400, f"{name} must be a non-empty string")
     if len(value) > MAX_URL_CHARS or not value.isprintable() or " " in value:
         raise HttpError(400, f"{name} is not a URL")
-
-
-def redacted(url: str) -> str:
-    """``url`` without its password (``rtsp://user:***@cam/1``), for listings and logs."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return url
-    if not password:
-        return url
-    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
 
 
 def without_passwords(text: str, request: StreamRequest) -> str:
@@ -356,7 +338,7 @@ class StreamManager:
         ``limits.max_streams`` run already or the service is closing. ``cookie`` names the
         token cookie the preview page sets (the app's ``TokenGuard`` reads it back)."""
         enhancer = self.service.request_enhancer(request.options)
-        stream_id = secrets.token_hex(8)
+        stream_id = new_id()
         recording = self.folder / stream_id / "output.mp4" if request.sink == "file" else None
         stream = LiveStream(stream_id=stream_id, request=request, recording=recording)
         if request.preview:
@@ -390,7 +372,7 @@ class StreamManager:
 
     def find(self, stream_id: str) -> LiveStream:
         """The stream of ``stream_id``; ``HttpError(404)`` for none."""
-        stream = self._streams.get(stream_id) if STREAM_ID.fullmatch(stream_id) else None
+        stream = self._streams.get(stream_id) if ID_PATTERN.fullmatch(stream_id) else None
         if stream is None:
             raise HttpError(404, "no such stream")
         return stream
@@ -404,7 +386,7 @@ class StreamManager:
 
     def preview_of(self, stream_id: str) -> ASGIApp | None:
         """The preview app of a running stream of ``stream_id`` with a preview, or None."""
-        stream = self._streams.get(stream_id) if STREAM_ID.fullmatch(stream_id) else None
+        stream = self._streams.get(stream_id) if ID_PATTERN.fullmatch(stream_id) else None
         if stream is None or not stream.active:
             return None
         return stream.preview_app
