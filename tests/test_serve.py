@@ -50,12 +50,14 @@ def enhancer(detector) -> Enhancer:
     )
 
 
-def start(enhancer: Enhancer, spool: Path, **limits) -> tuple[HttpServer, Service]:
+def start(
+    enhancer: Enhancer, spool: Path, token: str | None = None, **limits
+) -> tuple[HttpServer, Service]:
     config = RunConfig(
         input="", enhancer=EnhancerConfig(detector=DetectorName.RETINAFACE_MOBILE, device="cpu")
     )
     service = Service(
-        config=config, enhancer=enhancer, spool=spool, limits=ServiceLimits(**limits)
+        config=config, enhancer=enhancer, spool=spool, limits=ServiceLimits(**limits), token=token
     ).start()
     server = HttpServer(None, "127.0.0.1", 0, option="--port").bind()
     server.app = build_app(service, cookie_name="streamgpen_token_test")
@@ -337,8 +339,9 @@ def test_a_2gb_upload_is_refused_at_the_limit(cli_server, photo):
     assert httpx.get(f"{base}/healthz").json()["status"] == "ok"
 
 
-def test_a_token_guards_every_endpoint(tmp_path, weights_dir):
-    process, base = serve_cli(tmp_path, weights_dir, "--token", "s3cret-token")
+def test_a_token_guards_every_endpoint(enhancer, tmp_path):
+    server, service = start(enhancer, tmp_path / "spool", token="s3cret-token")
+    base = server.url("").rstrip("/")
     try:
         paths = httpx.get(f"{base}/openapi.json", headers=bearer("s3cret-token")).json()["paths"]
         assert {"/v1/enhance", "/v1/jobs", "/v1/streams", "/metrics"} <= set(paths)
@@ -354,8 +357,8 @@ def test_a_token_guards_every_endpoint(tmp_path, weights_dir):
         assert httpx.get(f"{base}/docs", headers=bearer("s3cret-token")).status_code == 200
         assert httpx.get(f"{base}/metrics", headers=bearer("s3cret-token")).status_code == 200
     finally:
-        process.terminate()
-        assert process.wait(timeout=30) == 0
+        server.stop()
+        service.close()
 
 
 def bearer(token: str) -> dict[str, str]:
