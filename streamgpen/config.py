@@ -247,6 +247,8 @@ class ServiceLimits:
     ``spool_quota_bytes``: the spool's size (uploads and results) beyond which new jobs are
     refused. ``max_jobs``: jobs queued or running. ``max_streams``: live streams at once.
     ``source_dir``: the one folder whose files a job may name as its ``source`` (None: none).
+    ``max_upscale``: the largest ``upscale`` a request may ask (a 12 Mpx photo at 4x is already a
+    200 Mpx answer).
     """
 
     max_image_bytes: int = 64 * MiB
@@ -258,3 +260,4 @@ class ServiceLimits:
     max_jobs: int = 32
     max_streams: int = 8
     source_dir: Path | None = None
+    max_upscale: float = 4.0

@@ -242,8 +242,10 @@ class Enhancer:
         if changes["mask"] == MaskKind.PARSE and self.parser is None:
             raise UserError("mask parse: this enhancer was started without a face parser")
         factor = self.config.upscale.factor if upscale is None else upscale
-        if not 0.0 <= changes["blend"] <= 1.0 or not factor >= 1:
-            raise UserError(f"blend must be in [0, 1] and upscale 1 or more, not {blend}, {factor}")
+        if not 0.0 <= changes["blend"] <= 1.0:
+            raise UserError(f"blend must be in [0, 1], not {changes['blend']}")
+        if not factor >= 1:
+            raise UserError(f"upscale must be 1 or more, not {factor}")
         view = copy.copy(self)  # the models are shared; only the attributes below differ
         view.config = replace(
             self.config,

@@ -168,8 +168,10 @@ def test_bad_inputs_get_their_statuses(enhancer, tmp_path, photo):
         )
         assert not_multipart.status_code == 415
         assert post(url, png(photo[:50, :50]), blend="2").status_code == 400
+        assert "at most 4" in post(url, png(photo[:50, :50]), upscale="1e300").json()["error"]
         assert post(url, png(photo[:50, :50]), mask="parse").status_code == 400  # no parser loaded
-        assert post(url, png(photo[:50, :50]), colour="red").status_code == 200  # not an option
+        unknown = post(url, png(photo[:50, :50]), colour="red")
+        assert unknown.status_code == 400 and "colour" in unknown.json()["error"]
         assert httpx.get(url).status_code == 405
         missing = httpx.get(server.url("/nothing"))
         assert missing.status_code == 404 and "error" in missing.json()
@@ -355,7 +357,15 @@ def test_a_token_guards_every_endpoint(enhancer, tmp_path):
         for path in ("/docs", "/openapi.json", "/v1/streams/" + "0" * 16 + "/preview/"):
             assert httpx.get(base + path).status_code == 401
         assert httpx.get(f"{base}/docs", headers=bearer("s3cret-token")).status_code == 200
+        # A browser opens /docs?token=...: the cookie it gets lets the page fetch its schema.
+        with httpx.Client(base_url=base) as browser:
+            assert browser.get("/docs", params={"token": "s3cret-token"}).status_code == 200
+            assert browser.get("/openapi.json").status_code == 200
         assert httpx.get(f"{base}/metrics", headers=bearer("s3cret-token")).status_code == 200
+        by_query = post(
+            f"{base}/v1/enhance", png(np.zeros((32, 32, 3), np.uint8)), token="s3cret-token"
+        )
+        assert by_query.status_code == 200, by_query.text  # the token is not an option
     finally:
         server.stop()
         service.close()
@@ -417,3 +427,26 @@ def test_the_readme_client_example_runs_against_a_live_server(cli_server, tmp_pa
     assert int(faces.split()[0]) >= 8 and job == "succeeded 8 frames"
     assert cv2.imread(str(tmp_path / "photo_enhanced.jpg")).shape == photo.shape
     assert (tmp_path / "clip_enhanced.mp4").stat().st_size > 1000
+
+
+def test_a_request_whose_client_left_is_skipped_and_the_worker_goes_on(enhancer, tmp_path, photo):
+    from streamgpen.service.batcher import ImageRequest
+
+    server, service = start(enhancer, tmp_path / "spool", batch_window_s=0)
+    small = np.ascontiguousarray(photo[:96, :96])
+    batcher = service.batcher
+    try:
+        with service.device_lock:
+            first = batcher.submit(ImageRequest(bgr=small, enhancer=enhancer))
+            wait_for(lambda: batcher.queued == 0)  # taken; the worker waits for the device
+            gone = batcher.submit(ImageRequest(bgr=small, enhancer=enhancer))
+            assert gone.cancel()  # as the server does when a client disconnects
+            left = batcher.submit(ImageRequest(bgr=small, enhancer=enhancer))
+            assert left.cancel()
+        assert first.result(timeout=30).bgr.shape == small.shape
+        wait_for(lambda: batcher.queued == 0)
+        after = batcher.submit(ImageRequest(bgr=small, enhancer=enhancer))
+        assert after.result(timeout=30).bgr.shape == small.shape  # the worker is alive
+    finally:
+        server.stop()
+        service.close()  # raises nothing

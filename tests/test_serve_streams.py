@@ -188,13 +188,11 @@ def show_the_preview(browser: HeadlessChromium, page: str) -> None:
 
 
 def assert_the_page_sets_the_token_cookie(serving: Serving, page: str) -> None:
-    """The page sets the cookie the app's TokenGuard takes, so the page's requests need no
-    token in their URLs."""
-    cookie = serving.client.get(page).headers.get("set-cookie", "")
-    assert cookie.startswith(f"{COOKIE}={TOKEN};"), (
-        f"the preview page sets no {COOKIE} cookie ({cookie!r}): build_app must name it in "
-        "api.state.cookie_name"
-    )
+    """The page opened with ``?token=`` (as a browser opens the printed URL) gets the cookie
+    the app's TokenGuard takes, so the page's own requests need no token in their URLs."""
+    opened = httpx.get(serving.server.url(page, token=TOKEN))
+    cookie = opened.headers.get("set-cookie", "")
+    assert opened.status_code == 200 and cookie.startswith(f"{COOKIE}={TOKEN};"), cookie
     with httpx.Client(base_url=serving.server.url(""), cookies={COOKIE: TOKEN}) as by_cookie:
         assert by_cookie.get(f"{page}stats").json()["published"] > 0
     assert httpx.get(serving.server.url(f"{page}stats")).status_code == 401

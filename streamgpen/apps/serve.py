@@ -9,7 +9,6 @@ outputs finalised (a restart finds them), and the process exits 0.
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 from streamgpen.config import RunConfig, ServiceLimits
@@ -32,13 +31,13 @@ def run(
 ) -> int:
     """Serve until interrupted; returns the exit code. Raises UserError for a user's mistake."""
     from streamgpen.errors import UserError
-    from streamgpen.web.auth import TOKEN_PATTERN, cookie_name, is_loopback
+    from streamgpen.web.auth import access_token, cookie_name
     from streamgpen.web.server import HttpServer
 
-    if token is not None and not TOKEN_PATTERN.fullmatch(token):
-        raise UserError("--token may only hold letters, digits and . _ ~ - (at most 256)")
-    generated = token is None and not is_loopback(host)
-    token = secrets.token_urlsafe(16) if generated else token
+    try:
+        token, generated = access_token(host, token)
+    except ValueError as error:
+        raise UserError(f"--token: {error}") from None
     # Bound before torch is even imported: a port in use is refused in a moment.
     server = HttpServer(None, host, port, option="--port").bind()
     try:

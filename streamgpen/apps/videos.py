@@ -73,7 +73,7 @@ def enhance_video(
     with device_lock:
         enhancer.restorer.warmup()
     with ExitStack() as stack:
-        source = stack.enter_context(_open_source(config))
+        source = stack.enter_context(open_video_source(config))
         output = config.output or ("null" if preview is not None else None)
         output = output or default_output(config.input)
         sink = stack.enter_context(_Closing(_open_sink(config, source, output)))
@@ -97,7 +97,8 @@ def enhance_video(
         return _run(pipeline, source, output, console, quiet=config.quiet)
 
 
-def _open_source(config: RunConfig) -> VideoSource:
+def open_video_source(config: RunConfig) -> VideoSource:
+    """``config.input`` opened with ``config``'s source options (what a run reads)."""
     options = config.video.source
     return open_source(
         config.input,

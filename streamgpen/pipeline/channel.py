@@ -103,21 +103,14 @@ class Channel(Generic[T]):
             self._cond.notify_all()
             return True
 
-    def get_many(self, limit: int, *, wait_for_more: bool, window: float | None = None) -> list[T]:
+    def get_many(self, limit: int, *, wait_for_more: bool) -> list[T]:
         """One item (waiting for it), then up to ``limit`` in all: those already waiting, or,
         with ``wait_for_more``, waiting for each (a file fills whole chunks; a live source takes
-        what is there), or, with a ``window`` in seconds, those that come within it of the first
-        (the service's requests batch so). Raises :class:`Closed` only when not even the first
-        item comes."""
+        what is there). Raises :class:`Closed` only when not even the first item comes."""
         items = [self.get()]
-        deadline = None if window is None else _now() + window
         while len(items) < limit:
-            if deadline is not None:
-                timeout = max(0.0, deadline - _now())
-            else:
-                timeout = None if wait_for_more else 0
             try:
-                items.append(self.get(timeout=timeout))
+                items.append(self.get(timeout=None if wait_for_more else 0))
             except (Closed, TimeoutError):
                 break
         return items

@@ -30,7 +30,6 @@ from starlette.types import Receive, Scope, Send
 from streamgpen.preview.frames import PANES
 from streamgpen.preview.state import MAX_STREAMS, PreviewState
 from streamgpen.preview.streams import Stream
-from streamgpen.web.auth import token_cookie
 from streamgpen.web.responses import (
     EXCEPTION_HANDLERS,
     HttpError,
@@ -52,18 +51,12 @@ def page_html() -> bytes:
     return resources.files("streamgpen.preview").joinpath("page.html").read_bytes()
 
 
-def preview_app(
-    state: PreviewState, *, token: str | None = None, cookie: str | None = None
-) -> Starlette:
-    """The page, its streams, figures and controls for ``state``.
-
-    With ``token`` and ``cookie`` (a cookie name) the page is served with that cookie holding the
-    token, so the page's own requests carry it (``TokenGuard`` with the same name accepts it).
-    """
-    cookie_headers = {"Set-Cookie": token_cookie(token, cookie)} if token and cookie else None
+def preview_app(state: PreviewState) -> Starlette:
+    """The page, its streams, figures and controls for ``state``. (Its token cookie is set by
+    ``TokenGuard`` when the page is opened with ``?token=``.)"""
 
     async def page(request: Request) -> Response:
-        return HTMLResponse(page_html(), headers=cookie_headers)
+        return HTMLResponse(page_html())
 
     async def stats(request: Request) -> Response:
         return json_response(state.stats())

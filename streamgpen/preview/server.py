@@ -29,7 +29,6 @@ the streams, the server can not be started again). Example::
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,7 +37,7 @@ import numpy as np
 from streamgpen.pipeline.packet import Controls
 from streamgpen.preview.app import MAX_BODY_BYTES, preview_app
 from streamgpen.preview.state import MAX_STREAMS, STATS_KEYS, PreviewState
-from streamgpen.web.auth import TOKEN_PATTERN, TokenGuard, cookie_name, is_loopback
+from streamgpen.web.auth import TokenGuard, access_token, cookie_name, is_loopback
 from streamgpen.web.responses import SecurityHeaders
 from streamgpen.web.server import DEFAULT_HOST, MAX_CONNECTIONS, HttpServer, parse_bind
 
@@ -70,14 +69,9 @@ class PreviewServer:
         jpeg_quality: int = 80,
         max_width: int = 960,
     ):
-        if token and not TOKEN_PATTERN.fullmatch(token):
-            raise ValueError("the token may only hold letters, digits and . _ ~ - (at most 256)")
         self.host = host
-        #: True when no token was given for a non-loopback address and one was made up: show it.
-        self.token_generated = not token and not is_loopback(host)
-        if self.token_generated:
-            token = secrets.token_urlsafe(16)
-        self.token: str | None = token or None
+        #: token_generated: no token was given for a non-loopback address and one was made up.
+        self.token, self.token_generated = access_token(host, token)
         self.state = PreviewState(controls=controls, jpeg_quality=jpeg_quality, max_width=max_width)
         self._http = HttpServer(None, host, port, option="--preview")
 
@@ -130,7 +124,7 @@ class PreviewServer:
         self._http.bind()
         if self._http.app is None:  # the cookie is named by the real port
             cookie = cookie_name(self.port)
-            page = preview_app(self.state, token=self.token, cookie=cookie)
+            page = preview_app(self.state)
             self._http.app = SecurityHeaders(TokenGuard(page, token=self.token, cookie_name=cookie))
         return self
 

@@ -1,7 +1,7 @@
 """The service's ASGI app: every endpoint of ``streamgpen serve`` behind one guard.
 
 Layers, outermost first: ``SecurityHeaders`` (no framing, no sniffing, no caching, no Referer;
-on refusals too), ``TokenGuard`` (a bearer token, or the cookie the preview page sets; without a
+on refusals too), ``TokenGuard`` (a bearer token, ``?token=``, or the cookie that sets; without a
 token, loopback Host headers only), ``RequestMetrics`` (``/metrics``' request figures), then
 FastAPI's router: ``/v1/enhance`` (``images``), ``/v1/jobs`` (``jobs``), ``/v1/streams`` and
 each stream's preview (``streams``), ``/metrics``, ``/healthz``, and the OpenAPI docs at
@@ -27,7 +27,7 @@ from streamgpen.web.responses import EXCEPTION_HANDLERS, SecurityHeaders, json_r
 
 
 def build_app(service: Service, *, cookie_name: str) -> ASGIApp:
-    """The whole service as one ASGI app; ``cookie_name`` names the preview's token cookie."""
+    """The whole service as one ASGI app; ``cookie_name`` names its token cookie (by port)."""
     api = FastAPI(
         title="streamgpen",
         version=__version__,
@@ -37,7 +37,6 @@ def build_app(service: Service, *, cookie_name: str) -> ASGIApp:
         exception_handlers=EXCEPTION_HANDLERS,
     )
     api.state.service = service
-    api.state.cookie_name = cookie_name  # each stream's preview page sets this cookie
     api.add_api_route("/v1/enhance", enhance_image, methods=["POST"], tags=["images"])
     _add(api, service.jobs.routes(), tag="jobs")
     _add(api, service.streams.routes(), tag="streams")

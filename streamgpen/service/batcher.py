@@ -32,9 +32,12 @@ if TYPE_CHECKING:
     from streamgpen.service.core import Service
 
 log = logging.getLogger(__name__)
-# Requests one round takes at most: enough for several of the restorer's batches, few enough
-# that a round's images (whole frames on the device) stay a bounded amount of memory.
+# Requests one round takes at most: enough for several of the restorer's batches.
 ROUND_REQUESTS = 32
+# Pixels one round holds at most (its frames are on the device at once, as float RGB: 12 bytes a
+# pixel, ~400 MB here): a round closes early when the next photo would pass it, and a photo
+# larger than this goes alone.
+ROUND_PIXELS = 32_000_000
 
 
 class QueueFull(Exception):
@@ -71,6 +74,7 @@ class FaceBatcher:
         self._stop = threading.Event()
         self._queue: Channel[ImageRequest] = Channel(service.limits.max_queue, stop=self._stop)
         self._thread: threading.Thread | None = None
+        self._held: ImageRequest | None = None  # taken, but past the last round's budget
         self.submitted = 0  # requests accepted so far
 
     @property
@@ -88,12 +92,16 @@ class FaceBatcher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
-        for request in self._queue.drain():
-            request.future.set_exception(QueueFull("the service is stopping"))
+        left = [self._held] if self._held is not None else []
+        for request in left + self._queue.drain():
+            if request.future.set_running_or_notify_cancel():
+                request.future.set_exception(QueueFull("the service is stopping"))
 
     def submit(self, request: ImageRequest) -> Future:
         """Queue ``request``; its future gives an :class:`ImageResult`. ``QueueFull`` at once
         when ``max_queue`` requests are waiting (or the service is stopping)."""
+        if self._stop.is_set():
+            raise QueueFull("the service is stopping")
         if not self._queue.offer(request):
             raise QueueFull(f"{self._queue.maxsize} requests are waiting for the device")
         self.submitted += 1
@@ -101,14 +109,38 @@ class FaceBatcher:
         return request.future
 
     def _work(self) -> None:
-        window = self.service.limits.batch_window_s
         while True:
             try:
-                requests = self._queue.get_many(ROUND_REQUESTS, wait_for_more=False, window=window)
+                requests = self._take_round()
             except Closed:
                 return
             self.service.metrics.queue_depth.set(len(self._queue))
-            self._round(requests)
+            # A request whose client went away (its future cancelled by the server) is skipped;
+            # the others are now running: their futures can no longer be cancelled.
+            requests = [r for r in requests if r.future.set_running_or_notify_cancel()]
+            if requests:
+                self._round(requests)
+
+    def _take_round(self) -> list[ImageRequest]:
+        """The first request waiting (waiting for one), then those that come within the batching
+        window, up to ``ROUND_REQUESTS`` and ``ROUND_PIXELS``; one left over starts the next."""
+        if self._held is not None:
+            requests, self._held = [self._held], None
+        else:
+            requests = [self._queue.get()]
+        pixels = requests[0].bgr.shape[0] * requests[0].bgr.shape[1]
+        deadline = time.monotonic() + self.service.limits.batch_window_s
+        while len(requests) < ROUND_REQUESTS:
+            try:
+                request = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except (Closed, TimeoutError):
+                break
+            pixels += request.bgr.shape[0] * request.bgr.shape[1]
+            if pixels > ROUND_PIXELS:
+                self._held = request
+                break
+            requests.append(request)
+        return requests
 
     def _round(self, requests: list[ImageRequest]) -> None:
         """One round; a failure fails the round's requests, never the worker."""
@@ -145,7 +177,10 @@ class FaceBatcher:
 
         base = self.service.enhancer
         base.restore_many(batches, counted)
-        base.parse_many([b for r, b in zip(requests, batches, strict=True) if r.enhancer.parser])
+        parsed = [
+            b for r, b in zip(requests, batches, strict=True) if r.enhancer.parser is not None
+        ]
+        base.parse_many(parsed)
         metrics.requests_per_round.observe(len(requests))
         metrics.faces.inc(sum(len(b.faces) for b in batches))
         return [

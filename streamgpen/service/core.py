@@ -86,8 +86,11 @@ class Service:
             raise HttpError(400, f"unknown option(s): {', '.join(sorted(unknown))}")
         if not options:
             return self.enhancer
+        parsed = _parsed(options)
+        if parsed.get("upscale", 1.0) > self.limits.max_upscale:
+            raise HttpError(400, f"upscale may be at most {self.limits.max_upscale:g} here")
         try:
-            return self.enhancer.with_options(**_parsed(options))
+            return self.enhancer.with_options(**parsed)
         except UserError as error:
             raise HttpError(400, str(error)) from None
 

@@ -25,9 +25,9 @@ from streamgpen.errors import UserError
 from streamgpen.media.facelog import face_record
 from streamgpen.media.images import image_size, merge_channels, read_photo
 from streamgpen.service.batcher import ImageRequest, QueueFull
-from streamgpen.service.core import REQUEST_OPTIONS, Service, new_id
+from streamgpen.service.core import Service, new_id
 from streamgpen.service.uploads import receive_upload
-from streamgpen.web.responses import HttpError, json_response
+from streamgpen.web.responses import HttpError, busy, json_response
 
 # The formats served, by their magic bytes: (media type, extension cv2 encodes by).
 FORMATS = {
@@ -72,21 +72,25 @@ async def enhance_image(request: Request) -> Response:
     finally:
         with contextlib.suppress(OSError):
             target.unlink()
-    out_format = _output_format(params.get("format"), kind)
-    enhancer = service.request_enhancer({k: v for k, v in params.items() if k in REQUEST_OPTIONS})
+    params.pop("token", None)  # TokenGuard's, when the token came in the URL
+    out_format = _output_format(params.pop("format", None), kind)
+    as_json = params.pop("faces", "0")
+    if as_json not in ("0", "1"):
+        raise HttpError(400, "faces must be 0 or 1")
+    enhancer = service.request_enhancer(params)  # the rest: options, or a 400 naming them
     try:
         future = service.batcher.submit(ImageRequest(bgr=photo.color, enhancer=enhancer))
     except QueueFull as error:
-        raise HttpError(503, str(error), {"Retry-After": str(RETRY_AFTER_S)}) from None
+        raise busy(str(error), RETRY_AFTER_S) from None
     try:
         result = await asyncio.wrap_future(future)
     except QueueFull as error:
-        raise HttpError(503, str(error), {"Retry-After": str(RETRY_AFTER_S)}) from None
+        raise busy(str(error), RETRY_AFTER_S) from None
     except UserError as error:
         raise HttpError(400, str(error)) from None
     faces = [face_record(face) for face in result.faces]
     height, width = result.bgr.shape[:2]
-    if params.get("faces") in ("1", "true"):
+    if as_json == "1":
         return json_response({"width": width, "height": height, "faces": faces})
     body = await run_in_threadpool(_encode, merge_channels(photo, result.bgr), out_format)
     headers = {

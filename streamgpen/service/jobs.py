@@ -6,7 +6,8 @@ runner thread runs the jobs in order, one at a time (the device is shared with t
 anyway). Nothing of a job depends on the connection that created it.
 
 Each job is a folder ``spool/jobs/ID/``: ``job.json`` (its state, rewritten atomically on every
-change and about once a second for progress), ``input.EXT`` (an upload) and ``output.mp4``. The
+change and about once a second for progress), ``input.EXT`` (an upload, removed once the job has
+finished) and ``output.mp4``. The
 sink writes the output under a temporary name and renames it when finished, also when a job is
 canceled or fails, so ``output.mp4`` exists only as a complete, playable file. A restart finds
 the folders again: finished jobs as they were, queued ones queued again, and a job that was
@@ -35,17 +36,23 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from streamgpen.apps.videos import VIDEO_EXTENSIONS, enhance_video
+from streamgpen.apps.videos import VIDEO_EXTENSIONS, enhance_video, open_video_source
+from streamgpen.config import RunConfig
 from streamgpen.errors import UserError
 from streamgpen.files import atomic_path, remove_stale
 from streamgpen.media.urls import CONNECTING_INPUT_SCHEMES, is_webcam, redacted, url_scheme
-from streamgpen.media.video import open_source
 from streamgpen.pipeline.observers import RunStats
 from streamgpen.pipeline.packet import FramePacket
 from streamgpen.service.core import ID_PATTERN, new_id
 from streamgpen.service.metrics import JOB_STATES
-from streamgpen.service.uploads import content_length, receive_upload, refuse_oversized
-from streamgpen.web.responses import HttpError, json_response, read_json
+from streamgpen.service.uploads import content_length, receive_upload
+from streamgpen.web.responses import (
+    HttpError,
+    busy,
+    json_response,
+    read_json,
+    refuse_oversized,
+)
 
 log = logging.getLogger(__name__)
 
@@ -256,11 +263,8 @@ class JobManager:
             if self._closing:
                 raise HttpError(503, "the service is shutting down")
         if active >= self.service.limits.max_jobs:
-            raise HttpError(
-                503,
-                f"{active} jobs are queued or running, the most this server takes: try later",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
+            message = f"{active} jobs are queued or running, the most this server takes"
+            raise busy(message, RETRY_AFTER_S)
 
     def _room(self, declared: int) -> int:
         """The spool's bytes left; 507 when ``declared`` more bytes would go over the quota."""
@@ -378,12 +382,15 @@ class JobManager:
         state = "failed" if error else "canceled" if job.stop_reason else "succeeded"
         with self._lock:
             self._set(job, state, finished=_now(), error=error)
+        if job.source["kind"] == "upload":  # a finished job is never run again: its upload goes
+            with contextlib.suppress(OSError):
+                os.unlink(job.input_spec())
 
     def _enhance(self, job: Job) -> RunStats:
         enhancer = self.service.request_enhancer(job.options)
         spec = job.input_spec()
-        total = None if job.source["kind"] == "url" else frame_count(spec)
-        job.progress = {**_no_progress(), "frames_total": total}
+        if job.source["kind"] == "file":  # again: a restart may find another --source-dir
+            source_file(spec, self.service.limits.source_dir)
         base = self.service.config
         config = replace(
             base,
@@ -393,6 +400,8 @@ class JobManager:
             # The service's own face log is not every job's.
             extras=replace(base.extras, faces_json=None, save_faces=None),
         )
+        total = _frames_of(config)
+        job.progress = {**_no_progress(), "frames_total": total}
         return enhance_video(
             config,
             enhancer,
@@ -562,9 +571,13 @@ def source_file(spec: str, source_dir: Path | None) -> Path:
     return path
 
 
-def frame_count(spec: str) -> int | None:
-    """The frames a video file holds, as the engine's source counts them (None unknown)."""
-    with open_source(spec) as source:
+def _frames_of(config: RunConfig) -> int | None:
+    """The frames the job's video holds, as the engine's source counts them (None unknown).
+    A live source (a camera's URL) is refused: it would hold the one runner for ever, and the
+    jobs queued behind it; it is a stream's work."""
+    with open_video_source(config) as source:
+        if source.is_live:
+            raise UserError("the source is live: start it as a stream (POST /v1/streams)")
         return source.frame_count
 
 

@@ -53,7 +53,7 @@ from streamgpen.pipeline.observers import RunStats
 from streamgpen.pipeline.packet import Controls, FramePacket
 from streamgpen.preview import PreviewState, preview_app
 from streamgpen.service.core import ID_PATTERN, Service, new_id
-from streamgpen.web.responses import HttpError, error_response, json_response, read_json
+from streamgpen.web.responses import HttpError, busy, error_response, json_response, read_json
 
 log = logging.getLogger(__name__)
 
@@ -293,9 +293,7 @@ class StreamManager:
         ``rtsp://`` URL to publish to), ``preview`` (a live page at ``/v1/streams/{id}/preview/``),
         ``options`` (blend, upscale, only_center_face, mask): a sink, a preview or both. 201 with
         the stream and its ``Location``; 503 with Retry-After at ``max_streams``."""
-        # build_app names the token cookie for its TokenGuard; the preview page sets it.
-        cookie = getattr(request.app.state, "cookie_name", None)
-        stream = self.create(parse_request(await read_json(request)), cookie=cookie)
+        stream = self.create(parse_request(await read_json(request)))
         return json_response(stream.as_json(), status=201, headers={"Location": stream.url})
 
     async def list_streams(self, request: Request) -> Response:
@@ -333,19 +331,16 @@ class StreamManager:
 
     # --- the work ----------------------------------------------------------------------------
 
-    def create(self, request: StreamRequest, *, cookie: str | None = None) -> LiveStream:
+    def create(self, request: StreamRequest) -> LiveStream:
         """Start a stream on its own thread; ``HttpError`` 400 for bad options, 503 when
-        ``limits.max_streams`` run already or the service is closing. ``cookie`` names the
-        token cookie the preview page sets (the app's ``TokenGuard`` reads it back)."""
+        ``limits.max_streams`` run already or the service is closing."""
         enhancer = self.service.request_enhancer(request.options)
         stream_id = new_id()
         recording = self.folder / stream_id / "output.mp4" if request.sink == "file" else None
         stream = LiveStream(stream_id=stream_id, request=request, recording=recording)
         if request.preview:
             stream.preview = PreviewState(controls=Controls(blend=enhancer.blend))
-            stream.preview_app = preview_app(
-                stream.preview, token=self.service.token, cookie=cookie
-            )
+            stream.preview_app = preview_app(stream.preview)
         stream.thread = threading.Thread(
             target=self._run, args=(stream, enhancer), name=f"stream-{stream_id}", daemon=True
         )
@@ -364,11 +359,8 @@ class StreamManager:
             raise HttpError(503, "the service is shutting down")
         limit = self.service.limits.max_streams
         if sum(stream.active for stream in self._streams.values()) >= limit:
-            raise HttpError(
-                503,
-                f"{limit} live stream(s) are running, the most this service takes",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
+            message = f"{limit} live stream(s) are running, the most this service takes"
+            raise busy(message, RETRY_AFTER_S)
 
     def find(self, stream_id: str) -> LiveStream:
         """The stream of ``stream_id``; ``HttpError(404)`` for none."""

@@ -16,14 +16,17 @@ from pathlib import Path
 from typing import BinaryIO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
+from streamgpen.errors import UserError
 from streamgpen.files import atomic_path
-from streamgpen.web.responses import HttpError
+from streamgpen.web.responses import HttpError, body_chunks
 
 # A text field (format=, blend=, faces=) is a word or a number, never more.
 MAX_FIELD_BYTES = 4096
 MAX_FIELDS = 16
+# A part's header line (Content-Disposition with a file name, Content-Type): a few hundred bytes.
+MAX_HEADER_BYTES = 8192
 
 
 @dataclass(kw_only=True)
@@ -48,20 +51,6 @@ def content_length(request: Request) -> int | None:
     return int(value)
 
 
-def refuse_oversized(request: Request, max_bytes: int) -> None:
-    """413 at once when the declared size is over the limit, before a byte is read."""
-    declared = content_length(request)
-    if declared is not None and declared > max_bytes:
-        raise too_large(max_bytes)
-
-
-def too_large(max_bytes: int) -> HttpError:
-    """413, closing the connection: otherwise the server would read (and drop) the rest of the
-    body to keep the connection alive, and a client sending 2 GB would send all of it."""
-    message = f"the upload is over the limit of {max_bytes} bytes"
-    return HttpError(413, message, {"Connection": "close"})
-
-
 async def receive_upload(
     request: Request, target: Path, *, max_bytes: int, part: str = "file"
 ) -> Upload:
@@ -70,18 +59,21 @@ async def receive_upload(
 
     Raises :class:`HttpError`: 415 for a body that is not multipart/form-data, 413 past
     ``max_bytes`` (the declared length is refused before reading; a chunked body is cut where it
-    crosses the limit), 400 for a malformed body or a missing ``part``.
+    crosses the limit), 408 when the body stalls, 400 for a malformed body or a missing ``part``,
+    507 when the spool cannot take it (a full disk).
     """
     kind, params = parse_options_header(request.headers.get("content-type", ""))
     if kind != b"multipart/form-data" or b"boundary" not in params:
         raise HttpError(415, f"send multipart/form-data with a {part!r} part")
-    refuse_oversized(request, max_bytes)
-    with atomic_path(target) as partial, open(partial, "wb") as sink:
-        collector = _Collector(part, sink)
-        parser = MultipartParser(params[b"boundary"], collector.callbacks())
-        await _parse(request, parser, max_bytes)
-        if not collector.found:
-            raise HttpError(400, f"the form has no {part!r} file part")
+    try:
+        with atomic_path(target) as partial, open(partial, "wb") as sink:
+            collector = _Collector(part, sink)
+            parser = MultipartParser(params[b"boundary"], collector.callbacks())
+            await _parse(request, parser, max_bytes)
+            if not collector.found:
+                raise HttpError(400, f"the form has no {part!r} file part")
+    except UserError as error:  # atomic_path's OSError: a full disk, the spool unwritable
+        raise HttpError(507, f"the spool cannot take the upload: {error}") from None
     return Upload(
         path=target,
         filename=collector.filename,
@@ -92,16 +84,10 @@ async def receive_upload(
 
 
 async def _parse(request: Request, parser: MultipartParser, max_bytes: int) -> None:
-    received = 0
     try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > max_bytes:
-                raise too_large(max_bytes)
+        async for chunk in body_chunks(request, max_bytes=max_bytes):
             parser.write(chunk)
         parser.finalize()
-    except ClientDisconnect:
-        raise HttpError(400, "the client went away during the upload") from None
     except HttpError:
         raise
     except Exception as error:  # python-multipart's parse errors, and the collector's
@@ -136,7 +122,10 @@ class _Collector:
         }
 
     def _add(self, name: str, data: bytes) -> None:
-        setattr(self, name, getattr(self, name) + data)
+        value = getattr(self, name) + data
+        if len(value) > MAX_HEADER_BYTES:
+            raise ValueError(f"a part's header is over {MAX_HEADER_BYTES} bytes")
+        setattr(self, name, value)
 
     def _begin(self) -> None:
         self._headers, self._name, self._is_file, self._text = {}, None, False, bytearray()

@@ -13,11 +13,12 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import re
+import secrets
 from urllib.parse import parse_qs, urlsplit
 
 from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from streamgpen.web.responses import error_response
 
@@ -34,6 +35,19 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def access_token(host: str, token: str | None) -> tuple[str | None, bool]:
+    """The token a server bound to ``host`` requires, and whether it was made up here: the one
+    given, else (beyond loopback, where one is required) a fresh random one; on loopback without
+    one, none. ``ValueError`` for a token of characters a URL or header would mangle."""
+    if token and not TOKEN_PATTERN.fullmatch(token):
+        raise ValueError("the token may only hold letters, digits and . _ ~ - (at most 256)")
+    if token:
+        return token, False
+    if is_loopback(host):
+        return None, False
+    return secrets.token_urlsafe(16), True
 
 
 def host_header_is_loopback(host_header: str) -> bool:
@@ -79,8 +93,8 @@ class TokenGuard:
 
     ``token=None`` (a loopback server): the Host header must be loopback, else 403. A token: the
     request must offer it (bearer, the ``cookie_name`` cookie, ``?token=``), else 401 with
-    ``WWW-Authenticate: Bearer``. Errors are JSON, ``{"error": ...}``. Other scopes (lifespan)
-    pass through.
+    ``WWW-Authenticate: Bearer``; one that offers it by ``?token=`` gets the cookie. Errors are
+    JSON, ``{"error": ...}``. Other scopes (lifespan) pass through.
     """
 
     def __init__(self, app: ASGIApp, *, token: str | None, cookie_name: str):
@@ -96,12 +110,31 @@ class TokenGuard:
             return
         refusal = self._refusal(scope)
         if refusal is None:
+            if scope["type"] == "http" and self._token_in_query(scope):
+                send = self._setting_cookie(send)
             await self.app(scope, receive, send)
         elif scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": WEBSOCKET_POLICY_VIOLATION})
         else:
             status, message, headers = refusal
             await error_response(status, message, headers)(scope, receive, send)
+
+    def _token_in_query(self, scope: Scope) -> bool:
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        return self.token is not None and token_matches(query.get("token", []), self.token)
+
+    def _setting_cookie(self, send: Send) -> Send:
+        """A page opened with ``?token=`` (the printed URL: the preview, ``/docs``) gets the
+        cookie, so the requests the page makes itself (its streams, ``/openapi.json``) carry it."""
+        cookie = token_cookie(self.token, self.cookie_name).encode("latin-1")
+
+        async def send_with_cookie(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", []), (b"set-cookie", cookie)]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return send_with_cookie
 
     def _refusal(self, scope: Scope) -> tuple[int, str, dict[str, str] | None] | None:
         """None when ``scope`` may come in, else ``(status, message, headers)``."""
