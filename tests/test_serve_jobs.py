@@ -414,3 +414,20 @@ def test_jobs_queued_or_running_are_limited(enhancer, tmp_path: Path):
         assert [p.name for p in (serving.service.spool / "jobs").iterdir()] == [job["id"]]
     finally:
         serving.close()
+
+
+def test_a_live_source_is_refused_as_a_job_and_the_queue_goes_on(serving: Serving, clip):
+    """A camera's URL would hold the one runner for ever: the job fails in one line, and the job
+    queued behind it runs."""
+    from rtsp_server import RtspServer
+
+    path, frames = clip
+    with RtspServer(path) as rtsp:
+        live = serving.client.post("/v1/jobs", json={"source": rtsp.url})
+        assert live.status_code == 202, live.text
+        behind = serving.upload(path)
+        job, _ = serving.wait(live.json()["id"], finished, "the live job")
+    assert job["state"] == "failed"
+    assert job["error"] == "the source is live: start it as a stream (POST /v1/streams)"
+    job, _ = serving.wait(behind.json()["id"], finished, "the job behind it")
+    assert job["state"] == "succeeded" and job["progress"]["frames_done"] == frames
