@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import shutil
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -99,6 +100,8 @@ class Service:
     def start(self) -> Service:
         """Start the device worker, find the spool's jobs, run queued ones."""
         self.spool.mkdir(parents=True, exist_ok=True)
+        # Photo uploads are scratch: whatever a killed server left there is of no request now.
+        shutil.rmtree(self.spool / "uploads", ignore_errors=True)
         self.batcher.start()
         self.jobs.start()
         self.streams.start()

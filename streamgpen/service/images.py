@@ -15,6 +15,7 @@ import contextlib
 import json
 from pathlib import Path
 
+import anyio.to_thread
 import cv2
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -38,6 +39,9 @@ FORMATS = {
 }
 # How long a client told "queue full" should wait: a round of a few batches on a GPU.
 RETRY_AFTER_S = 1
+# Photos decoded at once (each up to --max-pixels, ~300 MB at 100 Mpx as BGR): the rest of the
+# uploads wait their turn here rather than all holding decoded pixels before the queue.
+_DECODERS = anyio.CapacityLimiter(4)
 
 
 def sniff(head: bytes) -> str | None:
@@ -64,11 +68,15 @@ async def enhance_image(request: Request) -> Response:
     """
     service: Service = request.app.state.service
     limits = service.limits
+    if service.batcher.queued >= limits.max_queue:  # before the upload is read and decoded
+        raise busy(f"{limits.max_queue} requests are waiting for the device", RETRY_AFTER_S)
     target = service.spool / "uploads" / f"{new_id()}.upload"
     try:
         upload = await receive_upload(request, target, max_bytes=limits.max_image_bytes)
         params = {**request.query_params, **upload.fields}
-        kind, photo = await run_in_threadpool(_read, upload.path, limits.max_image_pixels)
+        kind, photo = await anyio.to_thread.run_sync(
+            _read, upload.path, limits.max_image_pixels, limiter=_DECODERS
+        )
     finally:
         with contextlib.suppress(OSError):
             target.unlink()
