@@ -5,8 +5,9 @@ all the crops of a frame go through the detector's network as one [K, 3, S, S] b
 the device with ``roi_align``. When the faces move together (a pan), the strips along the edges
 they move from and toward are searched too, so faces coming in or going out are restored on every
 frame they show; a confident face both miss is predicted for up to ``COAST_FRAMES`` frames rather
-than dropped. On the sample, against detection on every frame: 99.6% of faces (97.3% before). Boxes and landmarks are smoothed per track with a One-Euro filter
-so that the aligned face crops downstream do not jitter.
+than dropped. On the sample, against detection on every frame: 99.6% of faces (97.3% before).
+Boxes and landmarks are smoothed per track with a One-Euro filter so that the aligned face crops
+downstream do not jitter.
 
 Shapes: K tracks, N measurements of a frame. A face's geometry is kept as 7 points [7, 2]: the
 box's top-left and bottom-right corners, then the 5 landmarks.
