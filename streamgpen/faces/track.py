@@ -5,7 +5,7 @@ all the crops of a frame go through the detector's network as one [K, 3, S, S] b
 the device with ``roi_align``. When the faces move together (a pan), the strips along the edges
 they move from and toward are searched too, so faces coming in or going out are restored on every
 frame they show; a confident face both miss is predicted for up to ``COAST_FRAMES`` frames rather
-than dropped. On the sample, against detection on every frame: 99.6% of faces (97.3% before).
+than dropped. On the sample, against detection on every frame: 99.8% of faces (97.3% before).
 Boxes and landmarks are smoothed per track with a One-Euro filter so that the aligned face crops
 downstream do not jitter.
 
@@ -44,6 +44,10 @@ COAST_SCORE = 0.8
 # an edge (a pan), and that edge probed for new faces: the sample pans at ~8 px a frame, a still
 # camera's faces move well under 1.
 PROBE_MIN_STEP = 2.0
+# How deep into the frame an edge's strip reaches, in sizes of the largest followed face (plus
+# the faces' step): a face crossing the edge is found in it. Measured on the sample's recall
+# against per-frame detection: 99.4% at 1.25, 99.8% at 1.5, 99.6% at 2.
+PROBE_DEPTH = 1.5
 
 
 class Tracker:
@@ -130,7 +134,7 @@ class Tracker:
             points, scores, found = followed
             source = np.flatnonzero(found)
             points, scores = points[source], scores[source]
-            source, points, scores = self._probe_leading_edges(image, source, points, scores)
+            source, points, scores = self._probe_edges(image, source, points, scores)
             coasted = np.zeros(len(source), bool)
         self.frames += 1
         return self._commit(source, points, scores, coasted, timestamp, full)
@@ -185,45 +189,49 @@ class Tracker:
         )
         return np.flatnonzero(lost)[keep]
 
-    def _probe_leading_edges(
+    def _probe_edges(
         self, image: torch.Tensor, source: np.ndarray, points: np.ndarray, scores: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Add the faces coming in where the picture moves in from (a pan) on the frame they
-        show, not at the next full detection: the detector runs on the strip along each edge
-        the followed faces move away from, as deep as twice the largest face plus their step.
+        """Add the faces crossing the edges the picture moves from and toward (a pan) on the
+        frame they show, not at the next full detection: the detector runs on the two strips
+        along those edges, ``PROBE_DEPTH`` faces deep plus the faces' step, as one batch.
 
-        Measured on the sample's pan (faces come in at the right edge): of the 37 faces that
-        per-frame detection found and tracking missed, 32 were faces not yet detected.
+        Measured on the sample's pan: of the 37 faces that per-frame detection found and
+        tracking missed, 32 were faces coming in not yet detected, or going out.
         """
         if len(source) == 0:
             return source, points, scores
         # [2] the followed faces' mean step since the last frame, x and y, in pixels
         step = (points[:, :2].mean(axis=1) - self._points[source, :2].mean(axis=1)).mean(axis=0)
-        reach = 2 * float((points[:, 1] - points[:, 0]).max())
+        reach = PROBE_DEPTH * float((points[:, 1] - points[:, 0]).max())
         size = image.shape[-2:]  # (H, W)
-        edges = [
-            (axis, leading)
-            for axis in np.flatnonzero(np.abs(step) >= PROBE_MIN_STEP)
-            for leading in (True, False)  # where faces come in, and where they leave
-        ]
-        for axis, leading in edges:
+        for axis in np.flatnonzero(np.abs(step) >= PROBE_MIN_STEP):  # 0: x, 1: y
             extent = size[1 - axis]  # x: the width, y: the height
             depth = min(extent, int(np.ceil(reach + abs(step[axis]))))
-            # moving left: they come in at the right, and leave at the left
-            start = extent - depth if (step[axis] < 0) == leading else 0
-            strip = image.narrow(3 - axis, start, depth)  # x: the last dim, y: the one before
-            faces = self.detector.detect(strip)[0]
-            new = _points_of(faces)
-            new[..., axis] += start
-            centre = new[:, :2].mean(axis=1)  # [N, 2]; cut by the edge, as the detector sees it
-            keep = ((centre >= 0) & (centre < (size[1], size[0]))).all(axis=1)
-            if len(points):
-                keep &= ~(_iou(_boxes(new), _boxes(points)) >= self.match_iou).any(axis=1)
-            fresh = np.flatnonzero(keep)
-            source = np.concatenate([source, np.full(len(fresh), -1)])
-            points = np.concatenate([points, new[fresh]])
-            scores = np.concatenate([scores, np.array([faces[i].score for i in fresh], np.float32)])
+            starts = (0, extent - depth)  # both edges, strips of one shape: one detector call
+            strips = torch.cat([image.narrow(3 - axis, start, depth) for start in starts])
+            for start, faces in zip(starts, self.detector.detect(strips), strict=True):
+                source, points, scores = self._add_new(
+                    faces, axis, start, size, (source, points, scores)
+                )
         return source, points, scores
+
+    def _add_new(self, faces: list[Face], axis: int, start: int, size, tracked) -> tuple:
+        """``tracked`` (source, points, scores) with the strip's ``faces`` that are new: their
+        centre in the frame, overlapping no tracked face."""
+        source, points, scores = tracked
+        new = _points_of(faces)
+        new[..., axis] += start
+        centre = new[:, :2].mean(axis=1)  # [N, 2]; cut by the edge, as the detector sees it
+        keep = ((centre >= 0) & (centre < (size[1], size[0]))).all(axis=1)
+        if len(points):
+            keep &= ~(_iou(_boxes(new), _boxes(points)) >= self.match_iou).any(axis=1)
+        fresh = np.flatnonzero(keep)
+        return (
+            np.concatenate([source, np.full(len(fresh), -1)]),
+            np.concatenate([points, new[fresh]]),
+            np.concatenate([scores, np.array([faces[i].score for i in fresh], np.float32)]),
+        )
 
     def _crop_geometry(self, boxes: np.ndarray, size) -> tuple[int, np.ndarray]:
         """The follow crops' size in pixels and their sides [K] in frame pixels.
