@@ -26,6 +26,13 @@ from streamgpen.errors import UserError
 _STALE = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)-[0-9a-f]+(?:\.[^.]*)?$")
 
 
+def cache_dir(name: str) -> Path:
+    """``$XDG_CACHE_HOME/streamgpen/NAME`` (``~/.cache`` without it): where streamgpen keeps what
+    it can fetch or make again (weights, the service's spool)."""
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache_home).expanduser() / "streamgpen" / name
+
+
 def default_mode() -> int:
     """The mode a new file gets from ``open()``: 0666 less the process's umask."""
     mask = os.umask(0)

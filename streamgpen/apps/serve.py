@@ -8,16 +8,15 @@ outputs finalised (a restart finds them), and the process exits 0.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from streamgpen.config import RunConfig, ServiceLimits
+from streamgpen.files import cache_dir
 
 
 def default_spool() -> Path:
     """``$XDG_CACHE_HOME/streamgpen/spool`` (``~/.cache/...`` without it)."""
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "streamgpen" / "spool"
+    return cache_dir("spool")
 
 
 def run(

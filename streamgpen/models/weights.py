@@ -31,7 +31,7 @@ import torch
 
 from streamgpen import __version__
 from streamgpen.errors import UserError
-from streamgpen.files import place
+from streamgpen.files import cache_dir, place
 from streamgpen.models.gpen import GPEN, GPENConfig, compare_shapes, infer_config, shape_mismatch
 from streamgpen.progress import download_bar
 
@@ -154,8 +154,7 @@ def weights_dir(option: Path | None = None) -> Path:
         return Path(option).expanduser()
     if os.environ.get(ENV_DIR):
         return Path(os.environ[ENV_DIR]).expanduser()
-    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache_home).expanduser() / "streamgpen" / "weights"
+    return cache_dir("weights")
 
 
 def get_spec(name: str) -> ModelSpec:

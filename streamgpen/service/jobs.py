@@ -45,10 +45,11 @@ from streamgpen.pipeline.observers import RunStats
 from streamgpen.pipeline.packet import FramePacket
 from streamgpen.service.core import ID_PATTERN, new_id
 from streamgpen.service.metrics import JOB_STATES
-from streamgpen.service.uploads import content_length, receive_upload
+from streamgpen.service.uploads import receive_upload
 from streamgpen.web.responses import (
     HttpError,
     busy,
+    content_length,
     json_response,
     read_json,
     refuse_oversized,

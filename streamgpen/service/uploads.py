@@ -41,16 +41,6 @@ class Upload:
     fields: dict[str, str] = field(default_factory=dict)
 
 
-def content_length(request: Request) -> int | None:
-    """The declared body size, or None (chunked); a malformed header is a 400."""
-    value = request.headers.get("content-length")
-    if value is None:
-        return None
-    if not value.isdigit():
-        raise HttpError(400, "bad Content-Length")
-    return int(value)
-
-
 async def receive_upload(
     request: Request, target: Path, *, max_bytes: int, part: str = "file"
 ) -> Upload:

@@ -122,15 +122,21 @@ def too_large(max_bytes: int) -> HttpError:
     return HttpError(413, message, {"Connection": "close"})
 
 
+def content_length(request: Request) -> int | None:
+    """The declared body size, or None (chunked); a malformed header is a 400."""
+    length = request.headers.get("content-length")
+    if length is None:
+        return None
+    if not length.isdigit():
+        raise HttpError(400, "bad Content-Length", {"Connection": "close"})
+    return int(length)
+
+
 def refuse_oversized(request: Request, max_bytes: int) -> None:
     """413 at once when the declared length is over ``max_bytes``, before a byte is read (400
     for a malformed one)."""
-    length = request.headers.get("content-length")
-    if length is None:
-        return
-    if not length.isdigit():
-        raise HttpError(400, "bad Content-Length", {"Connection": "close"})
-    if int(length) > max_bytes:
+    length = content_length(request)
+    if length is not None and length > max_bytes:
         raise too_large(max_bytes)
 
 
