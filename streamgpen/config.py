@@ -54,6 +54,17 @@ class ParserName(StrEnum):
     BISENET = "bisenet"
 
 
+class TemporalMode(StrEnum):
+    """How a video's restored faces are steadied from frame to frame (``--temporal``): ``off``
+    (each frame on its own), ``ema`` (GPEN's style code and encoder features averaged per track,
+    less so when the face moves fast), ``flow`` (the previous restored face, carried by the
+    crop's optical flow, blended where it agrees with the current one)."""
+
+    OFF = "off"
+    EMA = "ema"
+    FLOW = "flow"
+
+
 class ImageFormat(StrEnum):
     """Photo outputs' format (``--ext``): ``auto`` keeps each input's; the others are the
     extensions streamgpen writes (``media.images.IMAGE_EXTENSIONS``, without the dot)."""
@@ -110,7 +121,8 @@ class DetectorConfig:
 @dataclass(frozen=True, kw_only=True)
 class FaceConfig:
     """What happens to each face: blend, CLAHE, one face only, inputs already aligned, the
-    paste-back mask (and its parser), colour matched to the input's."""
+    paste-back mask (and its parser), colour matched to the input's; in video, how each
+    track's face is steadied over the frames (``temporal``)."""
 
     blend: float = 1.0
     clahe: bool = False
@@ -119,6 +131,7 @@ class FaceConfig:
     mask: MaskKind | str = MaskKind.PARSE
     parse_model: ParserName | str = ParserName.PARSENET
     color_match: bool = False
+    temporal: TemporalMode | str = TemporalMode.OFF
 
 
 # ``--bg-upsampler`` by name: a resize, or the Real-ESRGAN models of the weights registry
@@ -220,7 +233,8 @@ class RunConfig:
     """One ``streamgpen enhance``: an input, where it goes, and how.
 
     ``output`` is a string, not a path: it may be ``rtsp://host/x`` or ``frames/`` (a trailing
-    slash means a folder), which ``pathlib`` would rewrite.
+    slash means a folder), which ``pathlib`` would rewrite. ``ray``: run the videos on a Ray
+    cluster (``auto``, ``local`` or a cluster's address); None runs them in this process.
     """
 
     input: str
@@ -230,6 +244,7 @@ class RunConfig:
     extras: ExtrasConfig = field(default_factory=ExtrasConfig)
     naming: NamingConfig = field(default_factory=NamingConfig)
     preview: PreviewConfig | None = None
+    ray: str | None = None
     quiet: bool = False
 
 

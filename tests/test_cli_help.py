@@ -27,6 +27,7 @@ PLAIN_DEFAULTS = {
     "--bg-upsampler": "none",
     "--bg-tile": "400",
     "--detect-every": "5",
+    "--temporal": "off",
     "--codec": "libx264",
     "--crf": "18",
     "--preset": "medium",
@@ -45,6 +46,7 @@ DESCRIBED_DEFAULTS = {
     "--pix-fmt": "the input's, when the encoder has it",
     "--input-size": "the camera's",
     "--input-fps": "the camera's",
+    "--ray": "this process",
     "--preview": "off",
     "--preview-token": "none on loopback, else generated",
 }

@@ -30,6 +30,7 @@ from streamgpen.config import (
     RunConfig,
     SinkConfig,
     SourceConfig,
+    TemporalMode,
     UpscaleConfig,
     VideoConfig,
 )
@@ -38,7 +39,9 @@ from streamgpen.errors import UserError
 FOREVER = "forever"
 
 
-def run_config(*, source: str, output: str | None, quiet: bool, **options: Any) -> RunConfig:
+def run_config(
+    *, source: str, output: str | None, quiet: bool, ray: str | None = None, **options: Any
+) -> RunConfig:
     """The RunConfig of one ``streamgpen enhance`` from its options (keyword arguments named as
     ``enhance``'s parameters). ``output`` stays the string the user typed."""
     return RunConfig(
@@ -49,6 +52,7 @@ def run_config(*, source: str, output: str | None, quiet: bool, **options: Any) 
         extras=extras_config(**options),
         naming=naming_config(**options),
         preview=preview_config(**options),
+        ray=ray,
         quiet=quiet,
     )
 
@@ -98,10 +102,11 @@ def face_config(
     mask: MaskKind,
     parse_model: ParserName,
     color_match: bool,
+    temporal: TemporalMode,
     **_: Any,
 ) -> FaceConfig:
     """``--blend``, ``--clahe``, ``--only-center-face``, ``--aligned``, ``--mask``,
-    ``--parse-model``, ``--color-match``."""
+    ``--parse-model``, ``--color-match``, ``--temporal``."""
     return FaceConfig(
         blend=blend,
         clahe=clahe,
@@ -110,6 +115,7 @@ def face_config(
         mask=mask,
         parse_model=parse_model,
         color_match=color_match,
+        temporal=temporal,
     )
 
 

@@ -14,6 +14,7 @@ from streamgpen.config import (
     ParserName,
     Precision,
     RtspTransport,
+    TemporalMode,
 )
 
 
@@ -44,6 +45,7 @@ def enhance(
     bg_upsampler: o.BgUpsampler = "none",
     bg_tile: o.BgTile = 400,
     detect_every: o.DetectEvery = 5,
+    temporal: o.Temporal = TemporalMode.OFF,
     codec: o.Codec = "libx264",
     crf: o.Crf = 18,
     preset: o.Preset = "medium",
@@ -60,6 +62,7 @@ def enhance(
     device: o.Device = "auto",
     precision: o.PrecisionOption = Precision.AUTO,
     compile_: o.Compile = False,
+    ray: o.Ray = None,
 ) -> None:
     """Restore every face in photos, folders, videos, streams and webcams."""
     # locals() is exactly the parameters here: every option, by its name, and nothing else.

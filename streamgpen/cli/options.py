@@ -24,6 +24,7 @@ from streamgpen.config import (
     ParserName,
     Precision,
     RtspTransport,
+    TemporalMode,
 )
 from streamgpen.errors import UserError
 
@@ -301,6 +302,18 @@ ColorMatch = Annotated[
     ),
 ]
 
+Temporal = Annotated[
+    TemporalMode,
+    typer.Option(
+        help="Video: steady each face over the frames: off, ema (GPEN's style and features "
+        "averaged per track, less when it moves fast) or flow (the previous restored face "
+        "carried by optical flow where it agrees).",
+        metavar="MODE",
+        parser=choice(TemporalMode, "temporal mode"),
+        rich_help_panel=VIDEO_PANEL,
+    ),
+]
+
 # Upscaling
 
 Upscale = Annotated[
@@ -419,6 +432,17 @@ InputFps = Annotated[
         metavar="FPS",
         show_default=False,
         rich_help_panel=VIDEO_PANEL,
+    ),
+]
+Ray = Annotated[
+    str | None,
+    typer.Option(
+        help="Run the videos on a Ray cluster (pip install streamgpen\\[ray]): auto (the running "
+        "one), local (started here) or the cluster's address; long videos are split at "
+        "keyframes. " + default("this process"),
+        metavar="auto|local|ADDRESS",
+        show_default=False,
+        rich_help_panel=PERFORMANCE_PANEL,
     ),
 ]
 Preview = Annotated[

@@ -6,6 +6,7 @@ without loading a detector.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,10 @@ class FaceBatch:
     pixels to crop pixels; ``crops`` [N, 3, S, S] are RGB in [-1, 1]; ``frame_size`` is the
     frames' (height, width). The restorer fills ``restored`` (like ``crops``), a face parser
     ``masks`` [N, 1, S, S] in [0, 1] (None: the feathered box).
+
+    ``tracks`` (video): one key per face naming its track, unique over the run and across inputs
+    (a track that starts over, after a discontinuity, gets a new key), for the per-track state
+    of temporal smoothing; the faces come in frame order. None for photos: no history.
     """
 
     faces: list[Face]
@@ -57,6 +62,7 @@ class FaceBatch:
     frame_size: tuple[int, int]
     restored: torch.Tensor | None = None
     masks: torch.Tensor | None = None
+    tracks: list[Hashable] | None = None
 
 
 def nearest_to_center(faces: list[Face], width: int, height: int) -> int | None:

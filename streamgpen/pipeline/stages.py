@@ -9,6 +9,7 @@ Shapes: B frames in the chunk, N faces in it, H/W frame size, S crop size.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from streamgpen.faces.types import Face, TrackedFace, nearest_to_center
+from streamgpen.faces.types import Face, FaceBatch, TrackedFace, nearest_to_center
 from streamgpen.pipeline.packet import FramePacket
 
 if TYPE_CHECKING:
@@ -24,6 +25,10 @@ if TYPE_CHECKING:
     from streamgpen.faces.parse import MaskSmoother
     from streamgpen.faces.track import Tracker
     from streamgpen.runtime.transfer import Downloader
+
+
+# Numbers the video inputs' restore stages: a track key names its input (see FaceBatch.tracks).
+_INPUTS = itertools.count()
 
 
 class Stage(Protocol):
@@ -120,7 +125,9 @@ class RestoreStage:
     blend of the chunk's controls snapshot; frames with enhancement off are only upscaled.
 
     ``smoother`` (video) steadies each track's parsed mask over the frames; ``on_batch(n)`` hears
-    of each batch of n faces restored (a photo's progress).
+    of each batch of n faces restored (a photo's progress). One stage serves one input: its
+    faces' track keys (``FaceBatch.tracks``) are its own. :func:`restore_together` restores the
+    chunks of several inputs' stages in shared device batches.
     """
 
     name = "restore"
@@ -137,31 +144,48 @@ class RestoreStage:
         self.clock = clock
         self.smoother = smoother
         self.on_batch = on_batch
+        self._input = next(_INPUTS)  # this input's track keys apart from any other input's
+        self._generation = 0  # bumped at each discontinuity: the tracker's ids start over
 
     def process(self, packets: list[FramePacket]) -> None:
+        restore_together([(self, packets)])
+
+    def align(self, packets: list[FramePacket]) -> FaceBatch | None:
+        """The chunk's faces warped to the template, their track keys set (None: the chunk's
+        controls have enhancement off)."""
+        if not packets[0].controls.enhance:  # one snapshot per chunk
+            return None
+        with self.clock(self.name, packets):
+            batch = self.enhancer.align(chunk_images(packets), [faces_of(p) for p in packets])
+        batch.tracks = self._track_keys(packets)
+        return batch
+
+    def finish(self, packets: list[FramePacket], batch: FaceBatch | None) -> None:
+        """Parse, upscale and paste the restored ``batch`` into the chunk's outputs."""
         enhancer = self.enhancer
         frames = chunk_images(packets)  # [B, 3, H, W]
-        if not packets[0].controls.enhance:  # one snapshot per chunk
-            with self.clock("upscale", packets):
-                out = enhancer.background(frames)  # [B, 3, H', W']
-            for packet, image in zip(packets, out, strict=True):
-                packet.output = image
-            return
-        with self.clock(self.name, packets):
-            batch = enhancer.align(frames, [faces_of(p) for p in packets])
-            enhancer.restore(batch, self.on_batch)
-        with self.clock("parse", packets):
-            enhancer.parse(batch)
-            if self.smoother is not None and batch.masks is not None:
-                batch.masks = self._steady(packets, batch.masks)
+        if batch is not None:
+            with self.clock("parse", packets):
+                enhancer.parse(batch)
+                if self.smoother is not None and batch.masks is not None:
+                    batch.masks = self._steady(packets, batch.masks)
         with self.clock("upscale", packets):
-            background = enhancer.background(frames)  # [B, 3, H', W']
-        with self.clock("blend", packets):
-            out = enhancer.paste(background, batch, blend=packets[0].controls.blend)
+            out = enhancer.background(frames)  # [B, 3, H', W']
+        if batch is not None:
+            with self.clock("blend", packets):
+                out = enhancer.paste(out, batch, blend=packets[0].controls.blend)
         for packet, image in zip(packets, out, strict=True):
             packet.output = image
         if len(packets) == 1:
             packets[0].batch = batch  # a photo's crops, for --save-faces
+
+    def _track_keys(self, packets: list[FramePacket]) -> list[tuple[int, int, int]]:
+        keys = []
+        for packet in packets:
+            if packet.discontinuity:
+                self._generation += 1
+            keys += [(self._input, self._generation, t.track_id) for t in packet.faces]
+        return keys
 
     def _steady(self, packets: list[FramePacket], masks: torch.Tensor) -> torch.Tensor:
         """masks [N, 1, S, S] of the chunk's faces, frame after frame through the smoother."""
@@ -173,6 +197,23 @@ class RestoreStage:
             steady.append(self.smoother(masks[start : start + len(tracks)], tracks))
             start += len(tracks)
         return torch.cat(steady)
+
+
+def restore_together(work: Sequence[tuple[RestoreStage, list[FramePacket]]]) -> None:
+    """Restore the chunks of several inputs' stages (``(stage, packets)`` pairs, all of one
+    enhancer's models) in one restorer call, so that their faces share device batches: a face of
+    one camera and one of another in the same batch. Each chunk is aligned, parsed and pasted by
+    its own stage, with its own state and options."""
+    batches = [stage.align(packets) for stage, packets in work]
+    restoring = [b for b in batches if b is not None]
+    if restoring:
+        first, _ = work[0]
+        pairs = zip(work, batches, strict=True)
+        everything = [p for (_, packets), batch in pairs if batch is not None for p in packets]
+        with first.clock(first.name, everything):
+            first.enhancer.restore_many(restoring, first.on_batch)
+    for (stage, packets), batch in zip(work, batches, strict=True):
+        stage.finish(packets, batch)
 
 
 class DownloadStage:
