@@ -233,11 +233,14 @@ class RunConfig:
     """One ``streamgpen enhance``: an input, where it goes, and how.
 
     ``output`` is a string, not a path: it may be ``rtsp://host/x`` or ``frames/`` (a trailing
-    slash means a folder), which ``pathlib`` would rewrite. ``ray``: run the videos on a Ray
+    slash means a folder), which ``pathlib`` would rewrite. ``inputs``: every input of
+    ``enhance IN1 IN2 ...``, ``input`` the first (given one of the two, the other follows).
+    ``ray``: run the videos on a Ray
     cluster (``auto``, ``local`` or a cluster's address); None runs them in this process.
     """
 
-    input: str
+    input: str = ""
+    inputs: tuple[str, ...] = ()
     output: str | None = None
     enhancer: EnhancerConfig = field(default_factory=EnhancerConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
@@ -246,6 +249,12 @@ class RunConfig:
     preview: PreviewConfig | None = None
     ray: str | None = None
     quiet: bool = False
+
+    def __post_init__(self):
+        if not self.inputs:
+            object.__setattr__(self, "inputs", (self.input,))
+        elif not self.input:
+            object.__setattr__(self, "input", self.inputs[0])
 
 
 MiB = 1 << 20

@@ -218,9 +218,9 @@ def test_a_failing_or_stalled_sink_ends_the_run_with_a_playable_partial(
 ):
     from streamgpen.apps import videos
 
-    real_open = videos._open_sink
+    real_open = videos.open_video_sink
     monkeypatch.setattr(
-        videos, "_open_sink", lambda *a, **k: _Faulty(real_open(*a, **k), after=6, mode=mode)
+        videos, "open_video_sink", lambda *a, **k: _Faulty(real_open(*a, **k), after=6, mode=mode)
     )
     out = tmp_path / "out.mkv"
     start = time.monotonic()
@@ -258,4 +258,4 @@ def test_blend_is_the_configured_one_without_a_preview(identity_enhancer, detect
             enhancer=blended,
             tracker=Tracker(detector),
         )
-        assert pipeline.controls().blend == 0.3
+        assert pipeline.lane.controls().blend == 0.3

@@ -14,19 +14,24 @@ from streamgpen.config import RunConfig
 
 
 def run(config: RunConfig) -> int:
-    """Enhance ``config.input`` into ``config.output``; returns the exit code (0, or 1 when some
-    photos of a folder failed). Raises UserError for a user's mistake, KeyboardInterrupt after a
+    """Enhance ``config.inputs`` into ``config.output``; returns the exit code (0, or 1 when some
+    photos of a folder, or some of several videos, failed). Raises UserError for a user's mistake, KeyboardInterrupt after a
     clean stop on Ctrl-C/SIGTERM (exit code 130)."""
-    path = Path(config.input)
-    _check_input(config.input, path)
+    for spec in config.inputs:
+        _check_input(spec, Path(spec))
+    from streamgpen.apps.inputs import is_many
     from streamgpen.apps.signals import clean_interrupts
     from streamgpen.media.images import is_image_path
     from streamgpen.progress import stderr_console
 
-    is_photo = path.is_dir() or is_image_path(path)
+    path = Path(config.input)
+    many = config.ray is not None or is_many(config.inputs)
+    is_photo = not many and (path.is_dir() or is_image_path(path))
     with ExitStack() as stack:
         stack.enter_context(clean_interrupts())
         console = stderr_console()
+        if many:
+            return _videos(config, console)
         if is_photo:
             return _photos(config, path, console)
         preview = _preview(config, stack, console)
@@ -49,6 +54,27 @@ def _check_input(spec: str, path: Path) -> None:
     if not path.exists():
         raise UserError(f"input file not found: {spec} (no such file or folder)")
     require_regular_file(path)
+
+
+def _videos(config: RunConfig, console) -> int:
+    """Several videos with one device worker, or (``--ray``) videos on a Ray cluster."""
+    from streamgpen.apps.inputs import plan_videos
+    from streamgpen.errors import UserError
+
+    plans = plan_videos(config.inputs, config.output)
+    if config.preview is not None:
+        raise UserError(
+            "--preview shows one input; for several, `streamgpen serve` previews each stream"
+        )
+    if config.ray is not None:
+        from streamgpen.scale.archive import run_archive
+
+        return run_archive(config, [(p.input, p.output) for p in plans], console=console)
+    enhancer = load_enhancer(config)
+    announce(config, enhancer, console)
+    from streamgpen.apps.many import enhance_many
+
+    return enhance_many(config, enhancer, plans, console=console)
 
 
 def _photos(config: RunConfig, path: Path, console) -> int:

@@ -76,7 +76,8 @@ def enhance_video(
         source = stack.enter_context(open_video_source(config))
         output = config.output or ("null" if preview is not None else None)
         output = output or default_output(config.input)
-        sink = stack.enter_context(_Closing(_open_sink(config, source, output)))
+        sink = open_video_sink(config, source, output)
+        stack.enter_context(ClosingSink(sink, output))
         observers = [*_observers(config, stack, preview, enhancer), *observers]
         if enhancer.device.type == "cuda":
             with device_lock:
@@ -111,7 +112,8 @@ def open_video_source(config: RunConfig) -> VideoSource:
     )
 
 
-def _open_sink(config: RunConfig, source: VideoSource, output: str) -> Sink:
+def open_video_sink(config: RunConfig, source: VideoSource, output: str) -> Sink:
+    """The sink of ``output`` with ``config``'s encoder options (what a run writes)."""
     encoder = config.video.sink
     return open_sink(
         output,
@@ -124,21 +126,36 @@ def _open_sink(config: RunConfig, source: VideoSource, output: str) -> Sink:
     )
 
 
-class _Closing:
+class ClosingSink:
     """Closes a sink when the run ends: finished on success, kept as a partial output on any
-    failure or interruption (waiting a bounded time for a write stuck in a stalled output)."""
+    failure or interruption (waiting a bounded time for a write stuck in a stalled output).
+    ``close()``/``abort()`` may also be called before (one input of several ending on its own):
+    the end of the ``with`` block then does nothing more."""
 
-    def __init__(self, sink: Sink):
-        self.sink = sink
+    def __init__(self, sink: Sink, output: str):
+        self.sink, self.output = sink, output
+        self._done = False
 
-    def __enter__(self) -> Sink:
-        return self.sink
+    def __enter__(self) -> ClosingSink:
+        return self
+
+    def close(self) -> None:
+        """Finish the output (raises a failure to finish it)."""
+        self._done = True
+        self.sink.close()
+
+    def abort(self) -> None:
+        """Keep what was written (never raises)."""
+        self._done = True
+        self.sink.abort(timeout=ABORT_WAIT_S)
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self._done:
+            return
         if exc_type is None:
-            self.sink.close()
+            self.close()
         else:
-            self.sink.abort(timeout=ABORT_WAIT_S)
+            self.abort()
 
 
 def _observers(config: RunConfig, stack: ExitStack, preview, enhancer: Enhancer) -> list:

@@ -40,12 +40,19 @@ FOREVER = "forever"
 
 
 def run_config(
-    *, source: str, output: str | None, quiet: bool, ray: str | None = None, **options: Any
+    *,
+    source: str | list[str],
+    output: str | None,
+    quiet: bool,
+    ray: str | None = None,
+    **options: Any,
 ) -> RunConfig:
     """The RunConfig of one ``streamgpen enhance`` from its options (keyword arguments named as
-    ``enhance``'s parameters). ``output`` stays the string the user typed."""
+    ``enhance``'s parameters; ``source``: its inputs). ``output`` stays the string the user
+    typed."""
+    inputs = (source,) if isinstance(source, str) else tuple(source)
     return RunConfig(
-        input=source,
+        inputs=inputs,
         output=output,
         enhancer=enhancer_config(**options),
         video=video_config(**options),

@@ -86,10 +86,10 @@ def default(text: str) -> str:
 # Input and output
 
 Source = Annotated[
-    str,
+    list[str],
     typer.Argument(
-        help="A photo, a folder of photos, a video file, an rtsp:// or other stream URL, "
-        "or webcam:N.",
+        help="Photos, folders of photos or videos, video files, rtsp:// or other stream URLs, "
+        "webcam:N; several inputs (-o a folder) share one device worker.",
         metavar="INPUT",
         show_default=False,
     ),

@@ -34,13 +34,17 @@ class FaceLog:
         pts: int | None = None,
         track: int | None = None,
         detector_run: bool = True,
+        batch: int | None = None,
     ) -> None:
-        """One line: where the face is and how it was found."""
+        """One line: where the face is and how it was found (``batch``: the device batch it was
+        restored in, numbered over the process)."""
         record: dict = {"file": file} if file is not None else {}
         record["frame"] = frame
         if pts is not None or file is None:
             record["pts"] = pts
         record.update(track=track, **face_record(face), detector_run=detector_run)
+        if batch is not None:
+            record["batch"] = batch
         self._file.write(json.dumps(record) + "\n")
 
     def close(self) -> None:

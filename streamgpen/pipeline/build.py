@@ -10,7 +10,7 @@ from streamgpen.enhancer import Enhancer
 from streamgpen.faces.track import Tracker
 from streamgpen.media.sinks import Sink
 from streamgpen.media.video import VideoSource
-from streamgpen.pipeline.engine import EngineOptions, VideoPipeline
+from streamgpen.pipeline.engine import EngineOptions, Lane, VideoPipeline
 from streamgpen.pipeline.observers import Observer
 from streamgpen.pipeline.packet import Controls
 from streamgpen.pipeline.stages import DownloadStage, RestoreStage, StageClock, TrackStage
@@ -39,27 +39,59 @@ def video_pipeline(
     ``stop`` and ``device_lock`` are :class:`VideoPipeline`'s (an early end; the lock of a
     device shared with other runs).
     """
-    device = enhancer.device
-    if controls is None:
-        fixed = Controls(blend=enhancer.blend)
-        controls = lambda: fixed  # noqa: E731
-    clock = StageClock(device if sync_stages else None)
-    stages = (
-        TrackStage(tracker, clock, only_center_face=enhancer.only_center_face),
-        RestoreStage(enhancer, clock, smoother=_smoother(enhancer)),
-        DownloadStage(Downloader(device), clock),
-    )
     return VideoPipeline(
         source=source,
         sink=sink,
-        stages=stages,
-        uploader=Uploader(device, yuv_on_device),
-        controls=controls,
+        stages=_stages(enhancer, tracker, sync_stages),
+        uploader=Uploader(enhancer.device, yuv_on_device),
+        controls=_controls(enhancer, controls),
         observers=observers,
         options=options,
         stop=stop,
         device_lock=device_lock,
     )
+
+
+def video_lane(
+    *,
+    name: str,
+    source: VideoSource,
+    sink: Sink,
+    enhancer: Enhancer,
+    tracker: Tracker,
+    observers: Sequence[Observer] = (),
+    options: EngineOptions = EngineOptions(),
+    controls: Callable[[], Controls] | None = None,
+) -> Lane:
+    """One input of a run of several (:class:`~streamgpen.pipeline.engine.DeviceWorker`): its
+    own tracker, stages, ends and observers, the enhancer's models shared with the others."""
+    return Lane(
+        name=name,
+        source=source,
+        sink=sink,
+        stages=_stages(enhancer, tracker, False),
+        uploader=Uploader(enhancer.device, None),
+        controls=_controls(enhancer, controls),
+        observers=observers,
+        options=options,
+    )
+
+
+def _stages(enhancer: Enhancer, tracker: Tracker, sync_stages: bool) -> tuple:
+    clock = StageClock(enhancer.device if sync_stages else None)
+    return (
+        TrackStage(tracker, clock, only_center_face=enhancer.only_center_face),
+        RestoreStage(enhancer, clock, smoother=_smoother(enhancer)),
+        DownloadStage(Downloader(enhancer.device), clock),
+    )
+
+
+def _controls(enhancer: Enhancer, controls: Callable[[], Controls] | None):
+    """The live controls, or by default the enhancer's blend, on."""
+    if controls is not None:
+        return controls
+    fixed = Controls(blend=enhancer.blend)
+    return lambda: fixed
 
 
 def _smoother(enhancer: Enhancer):

@@ -29,7 +29,9 @@ class Closed(Exception):
 class Channel(Generic[T]):
     """A bounded queue between two threads of one run.
 
-    ``on_drop(item)`` is called (by the putting thread) for each item a leaky channel drops.
+    ``on_drop(item)`` is called (by the putting thread) for each item a leaky channel drops;
+    ``on_put()`` after each item delivered or the channel closed (a consumer of several channels
+    waits on one event that every producer sets).
     """
 
     def __init__(
@@ -39,6 +41,7 @@ class Channel(Generic[T]):
         stop: threading.Event,
         leaky: bool = False,
         on_drop: Callable[[T], None] | None = None,
+        on_put: Callable[[], None] | None = None,
     ):
         if maxsize < 1:
             raise ValueError("a channel holds at least one item")
@@ -46,6 +49,7 @@ class Channel(Generic[T]):
         self.leaky = leaky
         self._stop = stop
         self._on_drop = on_drop
+        self._on_put = on_put
         self._items: deque[T] = deque()
         self._closed = False
         self._cond = threading.Condition()
@@ -70,6 +74,8 @@ class Channel(Generic[T]):
         for old in dropped:
             if self._on_drop is not None:
                 self._on_drop(old)
+        if self._on_put is not None:
+            self._on_put()
         return True
 
     def get(self, timeout: float | None = None) -> T:
@@ -115,6 +121,19 @@ class Channel(Generic[T]):
                 break
         return items
 
+    def take(self, limit: int, *, whole: bool) -> list[T]:
+        """Up to ``limit`` items waiting now, without waiting; with ``whole``, none unless
+        ``limit`` are waiting or the channel is closed (a file's chunks stay whole). Raises
+        :class:`Closed` when the run stopped, or the channel is closed and drained."""
+        with self._cond:
+            if self._stop.is_set() or (self._closed and not self._items):
+                raise Closed
+            if whole and len(self._items) < limit and not self._closed:
+                return []
+            items = [self._items.popleft() for _ in range(min(limit, len(self._items)))]
+            self._cond.notify_all()
+            return items
+
     def drain(self) -> list[T]:
         """Take every item waiting, without waiting (what a stopped consumer leaves behind)."""
         with self._cond:
@@ -128,6 +147,8 @@ class Channel(Generic[T]):
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        if self._on_put is not None:
+            self._on_put()
 
 
 def _now() -> float:

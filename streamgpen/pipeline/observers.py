@@ -84,11 +84,13 @@ class FaceLogObserver:
 
     def observe(self, packet: FramePacket, stats: RunStats) -> None:
         frame = packet.frame
-        for tracked in packet.faces:
+        batches = packet.face_batches or [None] * len(packet.faces)  # enhancement off: none
+        for tracked, batch in zip(packet.faces, batches, strict=True):
             self.log.write(
                 tracked.face,
                 frame=frame.index,
                 pts=frame.pts,
                 track=tracked.track_id,
                 detector_run=tracked.detector_run,
+                batch=batch,
             )

@@ -74,7 +74,9 @@ class FramePacket:
     ``frame`` is the decoder's frame (index, pts, time base, duration: the sink keeps its timing);
     ``arrived`` the clock when it was decoded; ``discontinuity`` marks the first frame after a
     reconnect (the tracker starts afresh there). ``pixels`` are the uploaded planes, ``image`` the
-    frame on the device as [3, H, W] float RGB in [0, 1], ``faces`` its tracked faces, ``output``
+    frame on the device as [3, H, W] float RGB in [0, 1], ``faces`` its tracked faces (and
+    ``face_batches``: the number of the restorer's device batch each went through, counted over
+    the process: faces of several inputs in one batch share it), ``output``
     the enhanced frame on the device, ``host`` its copy on its way to the host, ``result`` the
     image the sink was given.
     ``stage_seconds`` adds up each stage's wall time for this frame (a chunk's time is shared
@@ -88,6 +90,7 @@ class FramePacket:
     pixels: DeviceFrame | None = None
     image: torch.Tensor | None = None
     faces: list[TrackedFace] = field(default_factory=list)
+    face_batches: list[int] = field(default_factory=list)  # each face's device batch number
     full_detection: bool = False  # the tracker ran a full-frame detection on this frame
     batch: FaceBatch | None = None  # a photo's aligned and restored crops (--save-faces)
     controls: Controls = field(default_factory=Controls)

@@ -10,6 +10,8 @@ Shapes: B frames in the chunk, N faces in it, H/W frame size, S crop size.
 from __future__ import annotations
 
 import itertools
+import math
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,6 +31,9 @@ if TYPE_CHECKING:
 
 # Numbers the video inputs' restore stages: a track key names its input (see FaceBatch.tracks).
 _INPUTS = itertools.count()
+# The restorer's device batches so far in this process (the face log's batch numbers).
+_BATCH_LOCK = threading.Lock()
+_batches_done = 0
 
 
 class Stage(Protocol):
@@ -208,12 +213,27 @@ def restore_together(work: Sequence[tuple[RestoreStage, list[FramePacket]]]) -> 
     restoring = [b for b in batches if b is not None]
     if restoring:
         first, _ = work[0]
-        pairs = zip(work, batches, strict=True)
+        pairs = list(zip(work, batches, strict=True))
         everything = [p for (_, packets), batch in pairs if batch is not None for p in packets]
         with first.clock(first.name, everything):
             first.enhancer.restore_many(restoring, first.on_batch)
+        _number_batches(everything, first.enhancer.restorer.batch_size)
     for (stage, packets), batch in zip(work, batches, strict=True):
         stage.finish(packets, batch)
+
+
+def _number_batches(packets: list[FramePacket], batch_size: int) -> None:
+    """Each face's device batch number: ``restore_many`` cuts the faces of ``packets``, in this
+    order, into batches of ``batch_size``."""
+    total = sum(len(p.faces) for p in packets)
+    with _BATCH_LOCK:  # the service's runs restore from several threads
+        global _batches_done
+        first, _batches_done = _batches_done, _batches_done + math.ceil(total / batch_size)
+    done = 0
+    for packet in packets:
+        count = len(packet.faces)
+        packet.face_batches = [first + (done + i) // batch_size for i in range(count)]
+        done += count
 
 
 class DownloadStage:
