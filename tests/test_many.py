@@ -137,3 +137,43 @@ def _mirror(source: Path, target: Path) -> None:
             out.pts, out.time_base = frame.pts, frame.time_base
             dst.mux(video.encode(out))
         dst.mux(video.encode(None))
+
+
+def test_the_live_page_picks_an_input_and_shows_its_figures(shared_dir, tmp_path, weights_dir):
+    from browser import HeadlessChromium
+    from rtsp_server import free_port
+    from test_preview_live import get, looped_clip, stderr_lines, wait_for_url
+
+    looped = looped_clip(tmp_path / "looped.mp4", loops=2)
+    clips = copies(looped, tmp_path / "in", ["left", "right"])
+    port = free_port()
+    with HeadlessChromium(width=1200, height=600, timeout_s=30) as browser:
+        process = subprocess.Popen(
+            streamgpen_cmd(*clips, "-o", "null", "--realtime", "--preview", str(port), "--quiet",
+                           weights_dir=weights_dir),
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            url = wait_for_url(stderr_lines(process), process, timeout=120)
+            browser.navigate(url)
+            # The picker lists both inputs, each with its own figures as they come.
+            names = browser.wait_for(
+                "(() => { const rows = [...document.querySelectorAll('#inputs tr')];"
+                " return rows.length === 2 && rows.every(r => r.cells[2].textContent !== '–')"
+                " && rows.map(r => r.cells[0].textContent); })()",
+                timeout_s=60,
+            )
+            browser.evaluate("document.querySelectorAll('#inputs a')[1].click()")
+            browser.wait_for("document.getElementById('enhanced').naturalWidth > 0", timeout_s=30)
+            page = browser.evaluate("location.pathname")
+            status, body = get(f"http://127.0.0.1:{port}/stats")
+            _, second = get(f"http://127.0.0.1:{port}/inputs/1/stats")
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+    assert names == [str(c) for c in clips]
+    assert page == "/inputs/1/"
+    assert status == 200
+    listed = json.loads(body)["inputs"]
+    assert [x["name"] for x in listed] == names and all(x["published"] > 0 for x in listed)
+    assert json.loads(second)["published"] > 0

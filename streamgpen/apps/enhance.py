@@ -14,9 +14,9 @@ from streamgpen.config import RunConfig
 
 
 def run(config: RunConfig) -> int:
-    """Enhance ``config.inputs`` into ``config.output``; returns the exit code (0, or 1 when some
-    photos of a folder, or some of several videos, failed). Raises UserError for a user's mistake, KeyboardInterrupt after a
-    clean stop on Ctrl-C/SIGTERM (exit code 130)."""
+    """Enhance ``config.inputs`` into ``config.output``; returns the exit code (0, or 1 when
+    some photos of a folder, or some of several videos, failed). Raises UserError for a user's
+    mistake, KeyboardInterrupt after a clean stop on Ctrl-C/SIGTERM (exit code 130)."""
     for spec in config.inputs:
         _check_input(spec, Path(spec))
     from streamgpen.apps.inputs import is_many
@@ -31,7 +31,7 @@ def run(config: RunConfig) -> int:
         stack.enter_context(clean_interrupts())
         console = stderr_console()
         if many:
-            return _videos(config, console)
+            return _videos(config, stack, console)
         if is_photo:
             return _photos(config, path, console)
         preview = _preview(config, stack, console)
@@ -56,25 +56,25 @@ def _check_input(spec: str, path: Path) -> None:
     require_regular_file(path)
 
 
-def _videos(config: RunConfig, console) -> int:
-    """Several videos with one device worker, or (``--ray``) videos on a Ray cluster."""
+def _videos(config: RunConfig, stack: ExitStack, console) -> int:
+    """Several videos with one device worker (and a live page picking them), or (``--ray``)
+    videos on a Ray cluster."""
     from streamgpen.apps.inputs import plan_videos
     from streamgpen.errors import UserError
 
     plans = plan_videos(config.inputs, config.output)
-    if config.preview is not None:
-        raise UserError(
-            "--preview shows one input; for several, `streamgpen serve` previews each stream"
-        )
+    if config.ray is not None and config.preview is not None:
+        raise UserError("--preview shows a run in this process, not one on Ray (--ray)")
     if config.ray is not None:
         from streamgpen.scale.archive import run_archive
 
         return run_archive(config, [(p.input, p.output) for p in plans], console=console)
+    preview = _preview(config, stack, console, inputs=[p.name for p in plans])
     enhancer = load_enhancer(config)
     announce(config, enhancer, console)
     from streamgpen.apps.many import enhance_many
 
-    return enhance_many(config, enhancer, plans, console=console)
+    return enhance_many(config, enhancer, plans, console=console, preview=preview)
 
 
 def _photos(config: RunConfig, path: Path, console) -> int:
@@ -114,8 +114,9 @@ def load_enhancer(config: RunConfig):
     return Enhancer.from_config(config.enhancer, progress=not config.quiet)
 
 
-def _preview(config: RunConfig, stack: ExitStack, console):
-    """The live preview, bound before the models load (a port in use fails in a second)."""
+def _preview(config: RunConfig, stack: ExitStack, console, inputs: list[str] | None = None):
+    """The live preview, bound before the models load (a port in use fails in a second);
+    ``inputs``: the names of several inputs, each with its page."""
     if config.preview is None:
         return None
     from streamgpen.pipeline.packet import Controls
@@ -127,6 +128,7 @@ def _preview(config: RunConfig, stack: ExitStack, console):
         settings.port,
         token=settings.token,
         controls=Controls(blend=config.enhancer.faces.blend),
+        inputs=inputs or (),
     )
     stack.enter_context(server)
     console.print(f"preview: {server.url}", markup=False, soft_wrap=True)

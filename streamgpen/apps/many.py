@@ -20,6 +20,7 @@ from rich.console import Console
 from streamgpen.apps.inputs import VideoPlan
 from streamgpen.apps.videos import (
     ClosingSink,
+    PreviewObserver,
     ProgressObserver,
     open_video_sink,
     open_video_source,
@@ -42,18 +43,21 @@ def enhance_many(
     plans: list[VideoPlan],
     *,
     console: Console,
+    preview=None,
     stop: threading.Event | None = None,
 ) -> int:
     """Enhance every planned input into its output with one device worker; returns the exit
     code: 0, or 1 when some input failed (each said in one line). KeyboardInterrupt (Ctrl-C) is
-    re-raised after every output was finalised."""
+    re-raised after every output was finalised. ``preview``: a started preview server with a
+    state per input (``PreviewServer(inputs=...)``): each input's frames, figures, controls."""
     enhancer.restorer.warmup()
     failed = 0
     with ExitStack() as stack:
         lanes: list[tuple[Lane, ClosingSink]] = []
-        for plan in plans:
+        for n, plan in enumerate(plans):
+            state = preview.states[n] if preview is not None else None
             try:
-                lanes.append(_open_lane(config, plan, enhancer, stack))
+                lanes.append(_open_lane(config, plan, enhancer, stack, state))
             except UserError as e:
                 failed += 1
                 _say(console, f"{plan.name}: {e}")
@@ -65,8 +69,9 @@ def enhance_many(
     return 1 if failed else 0
 
 
-def _open_lane(config: RunConfig, plan: VideoPlan, enhancer: Enhancer, stack: ExitStack):
-    """The input's source, sink and face log (owned by ``stack``) and its lane."""
+def _open_lane(config: RunConfig, plan: VideoPlan, enhancer: Enhancer, stack: ExitStack, state):
+    """The input's source, sink and face log (owned by ``stack``) and its lane; ``state``: its
+    live page's (or None)."""
     lane_config = replace(config, input=plan.input, inputs=(plan.input,), output=plan.output)
     source = stack.enter_context(open_video_source(lane_config))
     sink = open_video_sink(lane_config, source, plan.output)
@@ -75,6 +80,8 @@ def _open_lane(config: RunConfig, plan: VideoPlan, enhancer: Enhancer, stack: Ex
     if config.extras.faces_json is not None:
         log = stack.enter_context(FaceLog(face_log_path(config.extras.faces_json, plan)))
         observers.append(FaceLogObserver(log))
+    if state is not None:
+        observers.append(PreviewObserver(state, config.enhancer.model.label, enhancer))
     if enhancer.device.type == "cuda":
         enhancer.warmup(source.height, source.width)
     lane = video_lane(
@@ -85,6 +92,7 @@ def _open_lane(config: RunConfig, plan: VideoPlan, enhancer: Enhancer, stack: Ex
         tracker=Tracker(enhancer.detector, detect_every=config.video.detect_every),
         observers=observers,
         options=EngineOptions(draw=config.extras.draw, sink_timeout=config.video.source.timeout),
+        controls=(lambda: state.controls) if state is not None else None,
     )
     return lane, closing
 

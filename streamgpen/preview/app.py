@@ -10,6 +10,10 @@ stream at ``/v1/streams/{id}/preview``); anything else is a JSON 404, a wrong me
     GET  /controls              JSON: enhance, blend, overlay
     POST /controls              JSON object with any of those keys; 400 on bad input
 
+A run of several inputs serves ``inputs_app``: a picker page at ``/`` (package data:
+inputs.html), ``/stats`` with every input's figures, and each input's ``preview_app`` at
+``/inputs/{n}/``.
+
 Who may ask is not decided here: wrap the app in ``web.auth.TokenGuard`` (and
 ``web.responses.SecurityHeaders``), as ``PreviewServer`` does.
 """
@@ -18,13 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Sequence
 from importlib import resources
 
 import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
 from streamgpen.preview.frames import PANES
@@ -46,9 +51,9 @@ _DELIMITER = f"--{BOUNDARY}\r\n".encode()
 
 
 @functools.cache
-def page_html() -> bytes:
-    """The page, read once from the package data."""
-    return resources.files("streamgpen.preview").joinpath("page.html").read_bytes()
+def page_html(name: str = "page.html") -> bytes:
+    """A page, read once from the package data."""
+    return resources.files("streamgpen.preview").joinpath(name).read_bytes()
 
 
 def preview_app(state: PreviewState) -> Starlette:
@@ -84,6 +89,28 @@ def preview_app(state: PreviewState) -> Starlette:
         Route("/stats", stats, methods=["GET"]),
         Route("/controls", controls, methods=["GET", "POST"]),
         *(Route(f"/stream/{pane}.mjpg", stream(pane), methods=["GET"]) for pane in PANES),
+    ]
+    return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
+
+
+def inputs_app(inputs: Sequence[tuple[str, PreviewState]]) -> Starlette:
+    """The live page of several inputs (``(name, state)`` pairs): a picker listing them with
+    their figures, each input's own page below it."""
+
+    async def page(request: Request) -> Response:
+        return HTMLResponse(page_html("inputs.html"))
+
+    async def stats(request: Request) -> Response:
+        listed = [
+            {"name": name, "path": f"inputs/{n}/"} | state.stats()
+            for n, (name, state) in enumerate(inputs)
+        ]
+        return json_response({"inputs": listed})
+
+    routes = [
+        Route("/", page, methods=["GET"]),
+        Route("/stats", stats, methods=["GET"]),
+        *(Mount(f"/inputs/{n}", app=preview_app(state)) for n, (_, state) in enumerate(inputs)),
     ]
     return Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS)
 

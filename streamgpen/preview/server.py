@@ -29,13 +29,13 @@ the streams, the server can not be started again). Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from streamgpen.pipeline.packet import Controls
-from streamgpen.preview.app import MAX_BODY_BYTES, preview_app
+from streamgpen.preview.app import MAX_BODY_BYTES, inputs_app, preview_app
 from streamgpen.preview.state import MAX_STREAMS, STATS_KEYS, PreviewState
 from streamgpen.web.auth import TokenGuard, access_token, cookie_name, is_loopback
 from streamgpen.web.responses import SecurityHeaders
@@ -68,11 +68,19 @@ class PreviewServer:
         controls: Controls = Controls(),
         jpeg_quality: int = 80,
         max_width: int = 960,
+        inputs: Sequence[str] = (),
     ):
+        """``inputs``: the names of a run's several inputs, each with a ``PreviewState`` of its
+        own in ``states`` (published to and controlled one by one) and a page picking them."""
         self.host = host
         #: token_generated: no token was given for a non-loopback address and one was made up.
         self.token, self.token_generated = access_token(host, token)
-        self.state = PreviewState(controls=controls, jpeg_quality=jpeg_quality, max_width=max_width)
+        self.inputs = list(inputs)
+        self.states = [
+            PreviewState(controls=controls, jpeg_quality=jpeg_quality, max_width=max_width)
+            for _ in self.inputs or [None]
+        ]
+        self.state = self.states[0]
         self._http = HttpServer(None, host, port, option="--preview")
 
     @property
@@ -124,7 +132,10 @@ class PreviewServer:
         self._http.bind()
         if self._http.app is None:  # the cookie is named by the real port
             cookie = cookie_name(self.port)
-            page = preview_app(self.state)
+            if len(self.inputs) > 1:
+                page = inputs_app(list(zip(self.inputs, self.states, strict=True)))
+            else:
+                page = preview_app(self.state)
             self._http.app = SecurityHeaders(TokenGuard(page, token=self.token, cookie_name=cookie))
         return self
 
@@ -137,7 +148,8 @@ class PreviewServer:
 
     def stop(self) -> None:
         """End the streams, stop serving, close the address."""
-        self.state.close()
+        for state in self.states:
+            state.close()
         self._http.stop()
 
     def __enter__(self) -> PreviewServer:
