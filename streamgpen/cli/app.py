@@ -21,6 +21,7 @@ import typer
 from streamgpen import __version__
 from streamgpen.cli.bench import bench
 from streamgpen.cli.enhance import enhance
+from streamgpen.cli.evaluate import evaluate
 from streamgpen.cli.serve import serve
 from streamgpen.cli.weights import weights_app
 from streamgpen.errors import UserError
@@ -47,6 +48,7 @@ def _help(doc: str | None) -> str:
 app.command(help=_help(enhance.__doc__))(enhance)
 app.command(help=_help(serve.__doc__))(serve)
 app.command(help=_help(bench.__doc__))(bench)
+app.command(name="eval", help=_help(evaluate.__doc__))(evaluate)
 
 
 def _print_version(value: bool) -> None:
