@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import threading
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -174,7 +175,8 @@ def small_clip(tmp_path_factory) -> Path:
             if i == 24:
                 break
             small = frame.reformat(width=480, height=270, format="yuv420p")
-            small.pts = None
+            # Timed at 25 fps (pts None would give every frame pts 0: no clock for the tracker).
+            small.pts, small.time_base = i, Fraction(1, 25)
             dst.mux(stream.encode(small))
         dst.mux(stream.encode(None))
     return path

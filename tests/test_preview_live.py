@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -78,8 +79,9 @@ def looped_clip(path: Path, loops: int = 3) -> Path:
     with av.open(str(path), "w") as dst:
         stream = dst.add_stream("libx264", rate=25, options={"preset": "ultrafast"})
         stream.width, stream.height, stream.pix_fmt = 480, 270, "yuv420p"
-        for frame in frames * loops:
-            frame.pts = None
+        for i, frame in enumerate(frames * loops):
+            # Timed at 25 fps (pts None would give every frame pts 0).
+            frame.pts, frame.time_base = i, Fraction(1, 25)
             dst.mux(stream.encode(frame))
         dst.mux(stream.encode(None))
     return path
