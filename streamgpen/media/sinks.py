@@ -114,6 +114,7 @@ def open_sink(
     preset: str = "medium",
     pix_fmt: str | None = None,
     timeout: float = 10.0,
+    copy_tracks: bool = True,
 ) -> Sink:
     """Open the output named by ``spec`` for frames coming from ``source``.
 
@@ -122,7 +123,9 @@ def open_sink(
     ``null``. ``codec``/``crf``/``preset``/``pix_fmt`` configure the video encoder;
     ``pix_fmt`` defaults to the source's when the encoder supports it, else yuv420p.
     ``timeout`` (seconds) bounds each network operation of a published stream: a server that
-    stops answering is a :class:`UserError`, not a hang.
+    stops answering is a :class:`UserError`, not a hang. ``copy_tracks`` False leaves a video
+    file without the source's audio and subtitles (an archive job's segments: they are copied
+    once, when the segments are joined).
     Raises :class:`UserError` for an unknown output type, an output that is the input, a
     directory that does not exist or refuses new files, a missing encoder or an encoder the
     container cannot hold.
@@ -150,7 +153,7 @@ def open_sink(
     if not os.path.isdir(directory):
         raise UserError(f"output directory does not exist: {directory}")
     encoder = _VideoEncoder(codec, crf, preset, pix_fmt, source, live=False)
-    return AtomicFileSink(spec, CONTAINER_FORMATS[ext], encoder, source)
+    return AtomicFileSink(spec, CONTAINER_FORMATS[ext], encoder, source, copy_tracks=copy_tracks)
 
 
 def _publish(url: str, source: VideoSource, encoder: _VideoEncoder, timeout: float) -> Sink:
@@ -292,7 +295,7 @@ class EncodedSink(Sink):
                 f"{encoder.codec.name} video cannot be stored in {fmt} output {self.name}"
             )
         self._copy_tracks = copy_tracks
-        self._copier: _TrackCopier | None = None
+        self._copier: TrackCopier | None = None
         self._video: av.video.stream.VideoStream | None = None
         self._size: tuple[int, int] = (0, 0)
         self._resized = False
@@ -373,7 +376,7 @@ class EncodedSink(Sink):
             raise UserError(f"cannot start encoder {self._encoder.codec.name}: {exc}") from exc
         # Added after the video so that the video is the output's first stream.
         if self._copy_tracks:
-            self._copier = _TrackCopier(self._container, self._source)
+            self._copier = TrackCopier(self._container, self._source)
 
     def _fit(self, image: np.ndarray) -> np.ndarray:
         """Scale an image whose size changed mid-stream (a camera that came back in another
@@ -468,7 +471,15 @@ class AtomicFileSink(EncodedSink):
     is left.
     """
 
-    def __init__(self, path: str, fmt: str, encoder: _VideoEncoder, source: VideoSource) -> None:
+    def __init__(
+        self,
+        path: str,
+        fmt: str,
+        encoder: _VideoEncoder,
+        source: VideoSource,
+        *,
+        copy_tracks: bool = True,
+    ) -> None:
         self.path = path
         remove_stale(Path(path))  # temporary files of runs that were killed
         self.temp_path = os.fspath(temp_path(Path(path)))
@@ -483,8 +494,8 @@ class AtomicFileSink(EncodedSink):
                 fmt,
                 encoder,
                 source,
-                copy_tracks=True,
-                container_options=_container_options(fmt),
+                copy_tracks=copy_tracks,
+                container_options=container_options(fmt),
                 name=path,
             )
         except BaseException:
@@ -567,7 +578,7 @@ def _playable_frames(path: str) -> int:
     return complete if playable else 0
 
 
-class _TrackCopier:
+class TrackCopier:
     """Copies a file source's audio and subtitles into the output, interleaved by time.
 
     A second demuxer reads the source file for these streams only, so the pipeline's
@@ -719,7 +730,7 @@ def _ordered_layout(layout: av.AudioLayout) -> av.AudioLayout:
     return layout
 
 
-def _container_options(fmt: str) -> dict[str, str]:
+def container_options(fmt: str) -> dict[str, str]:
     """Muxer options that keep every copied timestamp as the input had it."""
     if fmt in ("mp4", "mov"):
         # Fragmented: a fragment is on disk each FRAGMENT_US (or key frame), so a killed run's

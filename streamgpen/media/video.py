@@ -107,6 +107,21 @@ class ColorInfo:
     trc: int = 2
 
 
+@dataclass(frozen=True, kw_only=True)
+class Span:
+    """A stretch of a file read on its own (one segment of an archive job): the demuxer seeks to
+    the key frame at ``seek_pts`` (None: reads from the start), frames before ``start_pts`` (None:
+    none) are decoded and dropped, and the source ends before ``end_pts`` (None: at the end of
+    the file). ``first_index`` is the index, in the whole video, of the first frame given;
+    ``frames`` how many the span holds. Times are in the video stream's time base."""
+
+    seek_pts: int | None
+    start_pts: int | None
+    end_pts: int | None
+    first_index: int
+    frames: int
+
+
 @dataclass(frozen=True, slots=True)
 class _Target:
     """Everything needed to (re)open an input."""
@@ -127,6 +142,7 @@ def open_source(
     input_size: tuple[int, int] | None = None,
     input_fps: float | Fraction | None = None,
     reconnect: int | None = None,
+    span: Span | None = None,
 ) -> VideoSource:
     """Open a video input and return an iterator of upright RGB :class:`Frame`.
 
@@ -137,6 +153,7 @@ def open_source(
     ``input_size`` (width, height) and ``input_fps`` are requested from webcams.
     ``reconnect`` applies to network streams and webcams: None never reconnects, N
     gives up after N consecutive failed attempts, -1 retries forever.
+    ``span`` (files only) reads one stretch of the file: see :class:`Span`.
     Raises :class:`UserError` for a missing or non-media file, a FIFO or device given as a
     file, a camera that does not exist, an input without video, or an input that cannot be
     reached.
@@ -145,11 +162,14 @@ def open_source(
     if target.kind == "file":
         _check_input_file(target.url)
     live = target.kind != "file"
+    if span is not None and live:
+        raise UserError(f"{spec}: only a file can be read from a position")
     return VideoSource(
         spec,
         target,
         realtime=realtime and not live,
         reconnect=reconnect if live else None,
+        span=span,
     )
 
 
@@ -215,9 +235,16 @@ class VideoSource:
     """
 
     def __init__(
-        self, spec: str, target: _Target, *, realtime: bool, reconnect: int | None
+        self,
+        spec: str,
+        target: _Target,
+        *,
+        realtime: bool,
+        reconnect: int | None,
+        span: Span | None = None,
     ) -> None:
         self.spec = spec
+        self.span = span
         self._target = target
         self._realtime = realtime
         self._reconnect = reconnect
@@ -243,6 +270,10 @@ class VideoSource:
         self.codec = stream.codec_context.name
         self.frame_count = None if self.is_live else _estimate_frame_count(stream, self.fps)
         self.tracks = _copyable_tracks(self._container) if self.path else ()
+        if span is not None:
+            self.frame_count = span.frames
+            if span.seek_pts is not None:
+                self._container.seek(span.seek_pts, stream=stream, backward=True)
 
         # Decoding the first frame tells the upright size, rotation and colour metadata.
         self._decoded = 0
@@ -336,6 +367,10 @@ class VideoSource:
             for raw in self._raw_frames(self._container):
                 pts = _rescale(raw.pts, raw.time_base, self.time_base)
                 duration = _rescale(raw.duration, raw.time_base, self.time_base) or None
+                if self.span is not None and self._outside_span(pts):
+                    if self.exhausted:
+                        return
+                    continue
                 if pts is None:
                     # A live stream's first frame after a (re)connect can lack a timestamp:
                     # put it where the next frame is due, so pts stay monotonic.
@@ -354,6 +389,19 @@ class VideoSource:
             self.reconnects += 1
             log.warning("lost %s; reconnecting (drop %d)", self.spec, self.reconnects)
             self._container = self._connect(initial=False)
+
+    def _outside_span(self, pts: int | None) -> bool:
+        """Whether a decoded frame falls before the span (dropped) or after it (``exhausted``
+        is set: the span is read)."""
+        span = self.span
+        start = span.start_pts
+        if start is not None and (pts is None or (self._decoded == 0 and pts > start)):
+            # A frame past the start (or without a time) first: the seek missed the key frame.
+            raise UserError(f"{self.spec}: cannot seek to pts {start} (got {pts})")
+        if span.end_pts is not None and pts is not None and pts >= span.end_pts:
+            self.exhausted = True
+            return True
+        return start is not None and pts < start
 
     def _pace(self, frame: Frame) -> None:
         """Hold a frame back until its presentation time, counted from the first pull."""
@@ -429,7 +477,8 @@ class VideoSource:
     def _to_frame(self, raw: av.VideoFrame, pts: int | None, duration: int | None) -> Frame:
         if self._decoded == 0:
             self._describe(raw)
-        frame = Frame(self._decoded, pts, self.time_base, raw, duration, raw.rotation)
+        first = self.span.first_index if self.span is not None else 0
+        frame = Frame(first + self._decoded, pts, self.time_base, raw, duration, raw.rotation)
         self._decoded += 1
         return frame
 
