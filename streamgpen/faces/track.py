@@ -36,6 +36,9 @@ DEFAULT_BETA = 20.0
 EDGE_MARGIN = 0.25
 # The smallest face, in pixels, that the follower's crops show: smaller faces are enlarged to it.
 MIN_FOLLOW_FACE = 40
+# The most a follow crop enlarges: MIN_FOLLOW_FACE from the detector's default smallest face
+# (10 px); smaller boxes are not faces the detector reports.
+MAX_ENLARGE = 4.0
 # A track the detector and the follower both miss is predicted for at most this many frames, if
 # it was last seen at least this sure and inside the frame (then it is gone, or never was).
 COAST_FRAMES = 3
@@ -242,8 +245,10 @@ class Tracker:
         """
         sides = (boxes[:, 2:] - boxes[:, :2]).max(axis=1)
         det_scale = min(1.0, self.detector.det_size / max(size))
-        # Tiny faces are found far more reliably a little enlarged.
-        det_scale = max(det_scale, MIN_FOLLOW_FACE / max(float(sides.min()), 1.0))
+        # Tiny faces are found far more reliably a little enlarged, by at most MAX_ENLARGE: a
+        # degenerate box (a face predicted off to nothing) once asked for a 27 GB crop batch.
+        enlarge = MIN_FOLLOW_FACE / max(float(sides.min()), 1.0)
+        det_scale = max(det_scale, min(enlarge, MAX_ENLARGE))
         largest = self.crop_scale * float(sides.max()) * det_scale
         crop_size = max(32, int(np.ceil(largest / 32)) * 32)
         return crop_size, np.full(len(boxes), crop_size / det_scale)
