@@ -753,7 +753,7 @@ def container_options(fmt: str) -> dict[str, str]:
 
 
 def _encoder_options(codec: str, crf: int, preset: str, *, live: bool) -> dict[str, str]:
-    if codec == "libx264":
+    if codec in ("libx264", "libx264rgb"):  # libx264rgb: RGB, lossless at --crf 0
         options = {"crf": str(crf), "preset": preset}
         if live:
             options["tune"] = "zerolatency"
