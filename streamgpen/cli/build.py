@@ -30,7 +30,6 @@ from streamgpen.config import (
     RunConfig,
     SinkConfig,
     SourceConfig,
-    TemporalMode,
     UpscaleConfig,
     VideoConfig,
 )
@@ -109,11 +108,10 @@ def face_config(
     mask: MaskKind,
     parse_model: ParserName,
     color_match: bool,
-    temporal: TemporalMode,
     **_: Any,
 ) -> FaceConfig:
     """``--blend``, ``--clahe``, ``--only-center-face``, ``--aligned``, ``--mask``,
-    ``--parse-model``, ``--color-match``, ``--temporal``."""
+    ``--parse-model``, ``--color-match``."""
     return FaceConfig(
         blend=blend,
         clahe=clahe,
@@ -122,7 +120,6 @@ def face_config(
         mask=mask,
         parse_model=parse_model,
         color_match=color_match,
-        temporal=temporal,
     )
 
 
