@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_cli import assert_one_line_error
 from torchmetrics.functional.image import (
     learned_perceptual_image_patch_similarity,
     structural_similarity_index_measure,
@@ -132,16 +133,6 @@ def cli_together(*runs: tuple[str, ...], **env: str) -> list[subprocess.Complete
         stdout, stderr = process.communicate(timeout=120)
         results.append(subprocess.CompletedProcess(args, process.returncode, stdout, stderr))
     return results
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("streamgpen: error: ")
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 # --- temporal figures, by hand ---------------------------------------------------------------
