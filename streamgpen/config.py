@@ -55,8 +55,7 @@ class ParserName(StrEnum):
 
 
 class TemporalMode(StrEnum):
-    """How a video's restored faces are steadied from frame to frame (for ``--temporal``, not yet
-    on the command line: the stabiliser is being built): ``off``
+    """How a video's restored faces are steadied from frame to frame (``--temporal``): ``off``
     (each frame on its own), ``ema`` (GPEN's style code and encoder features averaged per track,
     less so when the face moves fast), ``flow`` (the previous restored face, carried by the
     crop's optical flow, blended where it agrees with the current one)."""

@@ -21,6 +21,7 @@ from streamgpen.config import (
     FaceConfig,
     MaskKind,
     ModelConfig,
+    TemporalMode,
     UpscaleConfig,
     value_of,
 )
@@ -35,6 +36,7 @@ from streamgpen.faces.align import (
 from streamgpen.faces.clahe import clahe_luminance
 from streamgpen.faces.color_match import match_color
 from streamgpen.faces.detect import DEFAULT_DET_SIZE, FaceDetector
+from streamgpen.faces.temporal import FlowSmoother, LatentSmoother
 from streamgpen.faces.types import Face, FaceBatch, nearest_to_center
 from streamgpen.models import weights
 from streamgpen.runtime.device import as_device
@@ -64,8 +66,10 @@ def build_restorer(
     weights_dir: Path | None = None,
     *,
     progress: bool = True,
+    halves: bool = False,
 ) -> Restorer:
-    """The restorer for ``--model``/``--model-path``; weights are fetched on first use."""
+    """The restorer for ``--model``/``--model-path``; weights are fetched on first use.
+    ``halves``: GPEN's encoder and decoder run (and are captured) apart, ``--temporal ema``."""
     device = as_device(device)
     name = value_of(config.name)
     if config.path is not None:
@@ -84,6 +88,7 @@ def build_restorer(
         config.batch_size,
         precision=value_of(config.precision),
         compile=config.compile,
+        halves=halves and not isinstance(network, Identity),
     )
 
 
@@ -124,7 +129,9 @@ class Enhancer:
     """Face enhancement of whole images: ``Enhancer(model=..., device=...).enhance(bgr_uint8)``.
 
     ``blend`` mixes restored and original faces (1: fully restored); ``clahe`` equalises each
-    crop's luminance before the model; ``only_center_face`` keeps the face nearest the centre.
+    crop's luminance before the model; ``only_center_face`` keeps the face nearest the centre;
+    ``temporal`` steadies each video track's face over the frames (``off``, ``ema``, ``flow``:
+    see :mod:`streamgpen.faces.temporal`; faces without a track key, photos, are never touched).
     The keywords are those of :class:`~streamgpen.config.EnhancerConfig`'s tree, flattened;
     :meth:`from_config` takes the tree itself. ``restorer``/``face_detector`` supply ready ones.
     """
@@ -149,6 +156,7 @@ class Enhancer:
         mask: str = "parse",
         parse_model: str = "parsenet",
         color_match: bool = False,
+        temporal: str = "off",
         upscale: float = 1.0,
         bg_upsampler: str = "none",
         bg_tile: int = 400,
@@ -174,6 +182,7 @@ class Enhancer:
                 mask=mask,
                 parse_model=parse_model,
                 color_match=color_match,
+                temporal=temporal,
             ),
             upscale=UpscaleConfig(factor=upscale, bg_upsampler=bg_upsampler, bg_tile=bg_tile),
             device="auto" if device is None else str(device),
@@ -203,9 +212,17 @@ class Enhancer:
             raise UserError(f"--upscale must be 1 or more, not {config.upscale.factor}")
         self.config = config
         self.device = as_device(config.device)
+        self.temporal = TemporalMode(value_of(faces.temporal))
         self.restorer = restorer or build_restorer(
-            config.model, self.device, config.weights_dir, progress=progress
+            config.model,
+            self.device,
+            config.weights_dir,
+            progress=progress,
+            halves=self.temporal == TemporalMode.EMA,
         )
+        if self.temporal == TemporalMode.EMA and self.restorer.is_identity:
+            raise UserError("--temporal ema mixes GPEN's latents: the identity model has none")
+        self._smoother = _smoother(self.temporal)
         self.detector = face_detector or _detector(config, self.device, progress)
         self.parser = _parser(config, self.device, self.restorer.dtype, progress)
         self.upsampler = _upsampler(config, self.device, self.restorer.dtype, progress)
@@ -256,6 +273,8 @@ class Enhancer:
         view.blend = changes["blend"]
         view.only_center_face = changes["only_center_face"]
         view.upscale = float(factor)
+        # Tracks' history is per view: a view serves one request's run (a job, a stream).
+        view._smoother = _smoother(self.temporal)
         return view
 
     def warmup(self, height: int = 720, width: int = 1280) -> None:
@@ -353,11 +372,20 @@ class Enhancer:
     ) -> None:
         """Restore the faces of several batches (images of any sizes: every crop has the
         model's size) in one restorer call, so that they share its device batches; each batch
-        gets its own ``restored``. The service batches concurrent requests so."""
+        gets its own ``restored``. The service batches concurrent requests so. With
+        ``temporal``, the faces of batches with track keys are steadied per track, in order."""
         crops = torch.cat([b.crops for b in batches])  # [N, 3, S, S], N over all batches
         if self.clahe:
             crops = clahe_luminance(crops)
-        restored = self.restorer(crops, on_batch)
+        keys = [k for b in batches for k in (b.tracks or [None] * len(b.faces))]
+        smoother = self._smoother if any(k is not None for k in keys) else None
+        if isinstance(smoother, LatentSmoother):
+            restored = self.restorer(crops, on_batch, mix=smoother.mixer(keys, crops))
+        elif isinstance(smoother, FlowSmoother):
+            plan = smoother.plan(keys, crops)
+            restored = smoother.blend(plan, self.restorer(crops, on_batch))
+        else:
+            restored = self.restorer(crops, on_batch)
         for batch, part in zip(
             batches, restored.split([len(b.faces) for b in batches]), strict=True
         ):
@@ -405,6 +433,15 @@ class Enhancer:
             return batch.masks
         box = paste_mask(self.size, self.device)
         return box.expand(len(batch.faces), -1, -1, -1)
+
+
+def _smoother(mode: TemporalMode) -> LatentSmoother | FlowSmoother | None:
+    """A fresh per-track history for ``--temporal`` (None: off)."""
+    if mode == TemporalMode.EMA:
+        return LatentSmoother()
+    if mode == TemporalMode.FLOW:
+        return FlowSmoother()
+    return None
 
 
 def _detector(config: EnhancerConfig, device: torch.device, progress: bool) -> FaceDetector:

@@ -28,6 +28,7 @@ from streamgpen.config import (
     PreviewConfig,
     RtspTransport,
     RunConfig,
+    TemporalMode,
 )
 from streamgpen.errors import UserError
 
@@ -313,6 +314,7 @@ OPTION_CASES = {
                      lambda c: c.enhancer.upscale.bg_upsampler, "RealESRGAN_x2plus"),
     "bg_tile": (["--bg-tile", "256"], lambda c: c.enhancer.upscale.bg_tile, 256),
     "detect_every": (["--detect-every", "2"], lambda c: c.video.detect_every, 2),
+    "temporal": (["--temporal", "ema"], lambda c: c.enhancer.faces.temporal, TemporalMode.EMA),
     "ray": (["--ray", "local"], lambda c: c.ray, "local"),
     "codec": (["--codec", "ffv1"], lambda c: c.video.sink.codec, "ffv1"),
     "crf": (["--crf", "23"], lambda c: c.video.sink.crf, 23),

@@ -27,6 +27,7 @@ PLAIN_DEFAULTS = {
     "--bg-upsampler": "none",
     "--bg-tile": "400",
     "--detect-every": "5",
+    "--temporal": "off",
     "--codec": "libx264",
     "--crf": "18",
     "--preset": "medium",

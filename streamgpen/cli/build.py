@@ -30,6 +30,7 @@ from streamgpen.config import (
     RunConfig,
     SinkConfig,
     SourceConfig,
+    TemporalMode,
     UpscaleConfig,
     VideoConfig,
 )
@@ -108,10 +109,11 @@ def face_config(
     mask: MaskKind,
     parse_model: ParserName,
     color_match: bool,
+    temporal: TemporalMode,
     **_: Any,
 ) -> FaceConfig:
     """``--blend``, ``--clahe``, ``--only-center-face``, ``--aligned``, ``--mask``,
-    ``--parse-model``, ``--color-match``."""
+    ``--parse-model``, ``--color-match``, ``--temporal``."""
     return FaceConfig(
         blend=blend,
         clahe=clahe,
@@ -120,6 +122,7 @@ def face_config(
         mask=mask,
         parse_model=parse_model,
         color_match=color_match,
+        temporal=temporal,
     )
 
 

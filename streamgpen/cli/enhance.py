@@ -14,6 +14,7 @@ from streamgpen.config import (
     ParserName,
     Precision,
     RtspTransport,
+    TemporalMode,
 )
 
 
@@ -44,6 +45,7 @@ def enhance(
     bg_upsampler: o.BgUpsampler = "none",
     bg_tile: o.BgTile = 400,
     detect_every: o.DetectEvery = 5,
+    temporal: o.Temporal = TemporalMode.OFF,
     codec: o.Codec = "libx264",
     crf: o.Crf = 18,
     preset: o.Preset = "medium",

@@ -24,6 +24,7 @@ from streamgpen.config import (
     ParserName,
     Precision,
     RtspTransport,
+    TemporalMode,
 )
 from streamgpen.errors import UserError
 
@@ -298,6 +299,18 @@ ColorMatch = Annotated[
         help="Give each restored face its input's colour (mean, chroma spread).",
         metavar=FLAG,
         rich_help_panel=FACES_PANEL,
+    ),
+]
+
+Temporal = Annotated[
+    TemporalMode,
+    typer.Option(
+        help="Video: steady each face over the frames: off, ema (GPEN's style and features "
+        "averaged per track, less when it moves fast) or flow (the previous restored face "
+        "carried by optical flow where it agrees).",
+        metavar="MODE",
+        parser=choice(TemporalMode, "temporal mode"),
+        rich_help_panel=VIDEO_PANEL,
     ),
 ]
 

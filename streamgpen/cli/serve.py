@@ -17,6 +17,7 @@ from streamgpen.config import (
     ParserName,
     Precision,
     RtspTransport,
+    TemporalMode,
 )
 
 SERVICE_PANEL = "Service"
@@ -146,6 +147,7 @@ def serve(
     bg_upsampler: o.BgUpsampler = "none",
     bg_tile: o.BgTile = 400,
     detect_every: o.DetectEvery = 5,
+    temporal: o.Temporal = TemporalMode.OFF,
     codec: o.Codec = "libx264",
     crf: o.Crf = 18,
     preset: o.Preset = "medium",

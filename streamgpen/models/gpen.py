@@ -396,12 +396,23 @@ class GPEN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, 3, size, size] -> [B, 3, size, size]
+        return self.decode(*self.encode(x))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The encoder half: the style code z [B, S] (fp32 in any precision) and the feature
+        maps [B, C, r, r] in the generator's order, from r = 4 up to ``size``: what the decoder
+        takes, and what temporal smoothing (``--temporal ema``) averages per face track."""
+        # x: [B, 3, size, size]
         features = []
         for name in self.encoder_names:
             x = getattr(self, name)(x)
             features.append(x)  # size x size down to 4x4
         z = self.final_linear(x.flatten(1).float())  # [B, S], fp32 in any precision
-        return self.generator(z, features[::-1])
+        return z, features[::-1]
+
+    def decode(self, z: torch.Tensor, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The decoder half: the restored faces [B, 3, size, size] of :meth:`encode`'s outputs."""
+        return self.generator(z, features)
 
 
 _STYLE_KEY = re.compile(r"^generator\.style\.(\d+)\.weight$")
