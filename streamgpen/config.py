@@ -131,7 +131,7 @@ class FaceConfig:
     mask: MaskKind | str = MaskKind.PARSE
     parse_model: ParserName | str = ParserName.PARSENET
     color_match: bool = False
-    temporal: TemporalMode | str = TemporalMode.OFF
+    temporal: TemporalMode | str = TemporalMode.FLOW
 
 
 # ``--bg-upsampler`` by name: a resize, or the Real-ESRGAN models of the weights registry

@@ -156,7 +156,7 @@ class Enhancer:
         mask: str = "parse",
         parse_model: str = "parsenet",
         color_match: bool = False,
-        temporal: str = "off",
+        temporal: str = "flow",
         upscale: float = 1.0,
         bg_upsampler: str = "none",
         bg_tile: int = 400,

@@ -27,7 +27,7 @@ PLAIN_DEFAULTS = {
     "--bg-upsampler": "none",
     "--bg-tile": "400",
     "--detect-every": "5",
-    "--temporal": "off",
+    "--temporal": "flow",
     "--codec": "libx264",
     "--crf": "18",
     "--preset": "medium",

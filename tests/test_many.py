@@ -144,7 +144,8 @@ def test_the_live_page_picks_an_input_and_shows_its_figures(shared_dir, tmp_path
     from rtsp_server import free_port
     from test_preview_live import get, looped_clip, stderr_lines, wait_for_url
 
-    looped = looped_clip(tmp_path / "looped.mp4", loops=2)
+    # 12 s: with two loops (8 s) a loaded machine once ended the run before /stats was read.
+    looped = looped_clip(tmp_path / "looped.mp4", loops=3)
     clips = copies(looped, tmp_path / "in", ["left", "right"])
     port = free_port()
     with HeadlessChromium(width=1200, height=600, timeout_s=30) as browser:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from test_video import SAMPLE, decoded_frames, sample_head
 from typer.testing import CliRunner
 
+from streamgpen.apps.evaluate import evaluate_video
 from streamgpen.cli.app import app
 from streamgpen.enhancer import Enhancer
 from streamgpen.errors import UserError
@@ -30,6 +31,8 @@ from streamgpen.models.weights import MODELS
 from streamgpen.runtime.restorer import Identity, Restorer
 
 CPU = torch.device("cpu")
+# The sample's first frames through the command line: one full detection, then tracking.
+FRAMES = 8
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +250,8 @@ def tracked_batch(crops: torch.Tensor, keys) -> FaceBatch:
 
 def test_enhancer_temporal_modes(tiny, detector, sample_faces):
     crops = at(sample_faces[:3], 64)
-    off = Enhancer(restorer=Restorer(tiny, CPU), face_detector=detector, device=CPU, mask="box")
+    off = Enhancer(restorer=Restorer(tiny, CPU), face_detector=detector, device=CPU, mask="box",
+                   temporal="off")  # fmt: skip
     batch = tracked_batch(crops, ["a", "b", "c"])
     off.restore(batch)
     assert torch.equal(batch.restored, off.restorer(crops))  # off: the restorer's, untouched
@@ -268,21 +272,35 @@ def test_enhancer_temporal_modes(tiny, detector, sample_faces):
 
 
 def test_enhance_temporal_on_the_sample(weights_dir, tiny_state_dict, tmp_path):
-    clip = sample_head(tmp_path / "head.mp4", 3)  # a full detection, then tracking
+    """The command line on the sample's first frames with the tiny GPEN (its noise weights
+    N(0, 1): it flickers as a trained GPEN's features would), measured as ``streamgpen eval``
+    measures: the face regions' warping error along the input's flow."""
+    clip = sample_head(tmp_path / "head.mp4", FRAMES)  # a full detection, then tracking
     checkpoint = tmp_path / "tiny.pth"
     torch.save(tiny_state_dict, checkpoint)
-    outputs = {}
+    outputs, figures = {}, {}
     for mode in ("off", "ema", "flow"):
         out = tmp_path / f"{mode}.mkv"
         args = [str(clip), "-o", str(out), "--model-path", str(checkpoint),
                 "--detector", "retinaface_mobile0.25", "--weights-dir", str(weights_dir),
-                "--device", "cpu", "--mask", "box", "--codec", "ffv1", "--quiet"]  # fmt: skip
+                "--device", "cpu", "--mask", "box", "--codec", "ffv1", "--quiet",
+                "--faces-json", str(out.with_suffix(".jsonl"))]  # fmt: skip
         # In process through the typer app: an interpreter and its torch import cost ~5 s.
         result = CliRunner().invoke(app, ["enhance", *args, "--temporal", mode])
         assert result.exit_code == 0, result.output
         outputs[mode] = np.stack(decoded_frames(out)).astype(np.int16)
-    assert all(len(frames) == 3 for frames in outputs.values())
+        report = evaluate_video(str(out), str(clip), faces_json=out.with_suffix(".jsonl"),
+                                quiet=True)  # fmt: skip
+        figures[mode] = {k: report["warping_error"][k]["mean"] for k in ("output", "source")}
+    assert all(len(frames) == FRAMES for frames in outputs.values())
     for mode in ("ema", "flow"):
         # The first frame: every track new, exactly off's; later frames steadied, so different.
         assert np.array_equal(outputs[mode][0], outputs["off"][0])
         assert np.abs(outputs[mode][1:] - outputs["off"][1:]).max() > 10
+    # Measured (8 frames, 8-bit levels): input 2.31; off 3.77, ema 3.24 (0.86x), flow 2.50
+    # (0.66x). The input's own figure is the floor. A random GPEN-BFR-256 on 30 frames:
+    # benchmarks/results/temporal-cpu.json.
+    source = figures["off"]["source"]
+    assert figures["ema"]["output"] < 0.95 * figures["off"]["output"], figures
+    assert figures["flow"]["output"] < 0.8 * figures["off"]["output"], figures
+    assert figures["flow"]["output"] > 0.9 * source, figures

@@ -45,7 +45,7 @@ def enhance(
     bg_upsampler: o.BgUpsampler = "none",
     bg_tile: o.BgTile = 400,
     detect_every: o.DetectEvery = 5,
-    temporal: o.Temporal = TemporalMode.OFF,
+    temporal: o.Temporal = TemporalMode.FLOW,
     codec: o.Codec = "libx264",
     crf: o.Crf = 18,
     preset: o.Preset = "medium",
