@@ -227,7 +227,11 @@ class Tracker:
         """
         faces = self.detector.detect(image)[0]
         self.full_detections += 1
-        self._next_full = self.frames + self.detect_every
+        # The schedule is keyed to the frame count, not to this detection: an extra one (a track
+        # lost) does not shift the later ones, so a fresh tracker started on the schedule (an
+        # archive's segment, warmed up from a multiple of detect_every) detects on the frames the
+        # single run does and merges with its state.
+        self._next_full = (self.frames // self.detect_every + 1) * self.detect_every
         det_points = _points_of(faces)
         det_scores = np.array([face.score for face in faces], dtype=np.float32)
         track_of_det = self._match(det_points, predicted)
