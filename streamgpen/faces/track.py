@@ -12,13 +12,13 @@ dropped. Boxes and landmarks are smoothed per track with a One-Euro filter that 
 track's velocity, so that the aligned face crops downstream do not jitter and moving faces do
 not lag.
 
-Measured (``benchmarks/track_motion.py``, ``benchmarks/results/track-motion-cpu.json``), mean
-landmark error against per-frame detection in % of the inter-ocular distance (IOD), before and
-after the stride-aligned crops and the velocity: the sample's slow pan 5.3 -> 1.4 (4.6 -> 1.4
-against detection on every frame through the tracker, with 99.8% -> 99.9% of its faces);
-``dance`` (faces moving 12 px a frame on average, up to 25, turning and scaling) 6.3 -> 1.9,
-with full detection on 31% -> 22% of the frames; ``crossing`` (faces walking across each
-other) 8.0 -> 2.6. Lag along the motion against the true landmarks: 4.8 -> 0.7 and 4.6 -> 0.8.
+Measured (``benchmarks/track_motion.py``, ``benchmarks/results/track-motion-cpu.json``, 80
+frames), mean landmark error against per-frame detection in % of the inter-ocular distance (IOD),
+before and after the stride-aligned crops and the velocity: the sample's slow pan 5.3 -> 1.1
+(recall 99.85% -> 100%); ``dance`` (faces moving 12 px a frame on average, up to 25, turning and
+scaling) 6.3 -> 1.9, with full detection on 31% -> 24% of the frames; ``crossing`` (faces
+walking across each other) 8.0 -> 2.5. Lag along the motion against the true landmarks: 4.8 ->
+1.0 and 4.6 -> 0.6 (per-frame detection's own: 0.4 and -0.1).
 
 Shapes: K tracks, N measurements of a frame. A face's geometry is kept as 7 points [7, 2]: the
 box's top-left and bottom-right corners, then the 5 landmarks.
