@@ -304,3 +304,31 @@ def test_enhance_temporal_on_the_sample(weights_dir, tiny_state_dict, tmp_path):
     assert figures["ema"]["output"] < 0.95 * figures["off"]["output"], figures
     assert figures["flow"]["output"] < 0.8 * figures["off"]["output"], figures
     assert figures["flow"]["output"] > 0.9 * source, figures
+
+
+def test_a_folder_of_photos_is_never_steadied(shared_dir, weights_dir, tiny_state_dict, tmp_path):
+    """Photos' faces are numbered per photo, not tracked: a burst of near-identical photos must
+    not blend one photo's faces into the next (with flow, the default, they once were: face i
+    of every photo had the same track key). The second photo enhanced in a folder run equals
+    it enhanced alone."""
+    import cv2
+
+    photo = cv2.imread(str(shared_dir / "media" / "Solvay_conference_1927.png"))[150:330, 380:700]
+    folder = tmp_path / "burst"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), photo)
+    cv2.imwrite(str(folder / "b.png"), cv2.add(photo, 3))  # the next shot: a little brighter
+    checkpoint = tmp_path / "tiny.pth"
+    torch.save(tiny_state_dict, checkpoint)
+    common = ["--model-path", str(checkpoint), "--detector", "retinaface_mobile0.25",
+              "--weights-dir", str(weights_dir), "--device", "cpu", "--mask", "box", "--quiet",
+              "--temporal", "flow"]  # fmt: skip
+    runs = [[str(folder), "-o", str(tmp_path / "all")],
+            [str(folder / "b.png"), "-o", str(tmp_path / "alone.png")]]  # fmt: skip
+    for args in runs:
+        result = CliRunner().invoke(app, ["enhance", *args, *common])
+        assert result.exit_code == 0, result.output
+    together = cv2.imread(str(tmp_path / "all" / "b.png"))
+    alone = cv2.imread(str(tmp_path / "alone.png"))
+    assert not np.array_equal(together, cv2.add(photo, 3))  # faces were found and restored
+    assert np.array_equal(together, alone)

@@ -195,7 +195,7 @@ class _PhotoRun:
         clock = StageClock()
         self.stages = (
             DetectStage(enhancer, clock),
-            RestoreStage(enhancer, clock, on_batch=self.progress.restored),
+            RestoreStage(enhancer, clock, tracked=False, on_batch=self.progress.restored),
         )
 
     def enhance(self, source: Path, target: Path, photo: Future, writer) -> tuple:

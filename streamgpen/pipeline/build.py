@@ -81,7 +81,7 @@ def _stages(enhancer: Enhancer, tracker: Tracker, sync_stages: bool) -> tuple:
     clock = StageClock(enhancer.device if sync_stages else None)
     return (
         TrackStage(tracker, clock, only_center_face=enhancer.only_center_face),
-        RestoreStage(enhancer, clock, smoother=_smoother(enhancer)),
+        RestoreStage(enhancer, clock, tracked=True, smoother=_smoother(enhancer)),
         DownloadStage(Downloader(enhancer.device), clock),
     )
 

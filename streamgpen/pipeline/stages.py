@@ -129,9 +129,11 @@ class RestoreStage:
     (``--mask parse``), upscale the frames (``--upscale``) and paste the faces back with the
     blend of the chunk's controls snapshot; frames with enhancement off are only upscaled.
 
-    ``smoother`` (video) steadies each track's parsed mask over the frames; ``on_batch(n)`` hears
-    of each batch of n faces restored (a photo's progress). One stage serves one input: its
-    faces' track keys (``FaceBatch.tracks``) are its own. :func:`restore_together` restores the
+    ``tracked`` (video): the faces are tracks across the frames, so they get track keys
+    (``FaceBatch.tracks``, what ``--temporal`` steadies); photos' faces are numbered per photo
+    and are no tracks. ``smoother`` (video) steadies each track's parsed mask over the frames;
+    ``on_batch(n)`` hears of each batch of n faces restored (a photo's progress). One stage
+    serves one input: its track keys are its own. :func:`restore_together` restores the
     chunks of several inputs' stages in shared device batches.
     """
 
@@ -142,11 +144,13 @@ class RestoreStage:
         enhancer: Enhancer,
         clock: StageClock,
         *,
+        tracked: bool,
         smoother: MaskSmoother | None = None,
         on_batch: Callable[[int], None] | None = None,
     ):
         self.enhancer = enhancer
         self.clock = clock
+        self.tracked = tracked
         self.smoother = smoother
         self.on_batch = on_batch
         self._input = next(_INPUTS)  # this input's track keys apart from any other input's
@@ -156,13 +160,14 @@ class RestoreStage:
         restore_together([(self, packets)])
 
     def align(self, packets: list[FramePacket]) -> FaceBatch | None:
-        """The chunk's faces warped to the template, their track keys set (None: the chunk's
-        controls have enhancement off)."""
+        """The chunk's faces warped to the template, their track keys set if ``tracked`` (None:
+        the chunk's controls have enhancement off)."""
         if not packets[0].controls.enhance:  # one snapshot per chunk
             return None
         with self.clock(self.name, packets):
             batch = self.enhancer.align(chunk_images(packets), [faces_of(p) for p in packets])
-        batch.tracks = self._track_keys(packets)
+        if self.tracked:
+            batch.tracks = self._track_keys(packets)
         return batch
 
     def finish(self, packets: list[FramePacket], batch: FaceBatch | None) -> None:
