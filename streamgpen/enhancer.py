@@ -434,6 +434,12 @@ class Enhancer:
         box = paste_mask(self.size, self.device)
         return box.expand(len(batch.faces), -1, -1, -1)
 
+    def forget_tracks(self, input_number: int) -> None:
+        """Forget the temporal history of the tracks of one video input (``FaceBatch.tracks``'
+        first element): that input has ended."""
+        if self._smoother is not None:
+            self._smoother.memory.forget_input(input_number)
+
 
 def _smoother(mode: TemporalMode) -> LatentSmoother | FlowSmoother | None:
     """A fresh per-track history for ``--temporal`` (None: off)."""

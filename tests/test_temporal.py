@@ -239,6 +239,27 @@ def test_tracks_are_forgotten_after_a_few_calls(restorer, sample_faces):
     assert smoother.memory.get("a") is None and len(smoother.memory) == 1
 
 
+def test_inputs_taking_turns_keep_their_tracks_and_an_ended_input_is_forgotten():
+    """Inputs sharing one smoother take turns: a track's age counts its own input's calls only
+    (ten inputs in turn once made every track start afresh at each of its chunks); an input
+    that ends takes its tracks with it."""
+    memory = temporal.TrackMemory(forget_after=2)
+    cameras = range(10)
+    for turn in range(4):  # four rounds of ten calls, one per camera
+        for camera in cameras:
+            key = (camera, 0, 7)
+            memory.begin_call([key])
+            assert turn == 0 or memory.get(key) is not None
+            memory.put(key, "state")
+    assert len(memory) == 10
+    memory.begin_call([(0, 0, 8)])  # camera 0's next chunk: track 7 has left
+    memory.begin_call([(0, 0, 8)])
+    memory.begin_call([(0, 0, 8)])
+    assert memory.get((0, 0, 7)) is None and memory.get((1, 0, 7)) is not None
+    memory.forget_input(1)
+    assert memory.get((1, 0, 7)) is None and len(memory) == 8
+
+
 # --- the enhancer and the command line ---------------------------------------------------------
 
 
@@ -332,3 +353,45 @@ def test_a_folder_of_photos_is_never_steadied(shared_dir, weights_dir, tiny_stat
     alone = cv2.imread(str(tmp_path / "alone.png"))
     assert not np.array_equal(together, cv2.add(photo, 3))  # faces were found and restored
     assert np.array_equal(together, alone)
+
+
+def test_a_finished_video_leaves_no_history_in_a_shared_enhancer(weights_dir, tmp_path):
+    """The service's streams share one enhancer that outlives each: a video's end forgets its
+    tracks (each holds a restored crop, or GPEN's latents)."""
+    import io
+
+    from rich.console import Console
+
+    from streamgpen.apps.enhance import load_enhancer
+    from streamgpen.apps.videos import enhance_video
+    from streamgpen.config import (
+        DetectorConfig,
+        EnhancerConfig,
+        FaceConfig,
+        ModelConfig,
+        RunConfig,
+        SinkConfig,
+        VideoConfig,
+    )  # fmt: skip
+
+    clip = sample_head(tmp_path / "head.mp4", 3)
+    config = RunConfig(
+        input=str(clip),
+        output=str(tmp_path / "out.mkv"),
+        quiet=True,
+        enhancer=EnhancerConfig(
+            model=ModelConfig(name="identity"),
+            detector=DetectorConfig(name="retinaface_mobile0.25"),
+            faces=FaceConfig(mask="box", temporal="flow"),
+            device="cpu",
+            weights_dir=weights_dir,
+        ),
+        video=VideoConfig(sink=SinkConfig(codec="ffv1")),
+    )
+    enhancer = load_enhancer(config)
+    seen = []
+    put = enhancer._smoother.memory.put
+    enhancer._smoother.memory.put = lambda key, state: seen.append(key) or put(key, state)
+    enhance_video(config, enhancer, console=Console(file=io.StringIO()))
+    assert len(set(seen)) >= 10  # the sample's faces had their history while the video ran
+    assert len(enhancer._smoother.memory) == 0

@@ -21,9 +21,10 @@ and that is what the weights below watch.
 
 Reset rules, both modes: a track key met for the first time starts fresh (its output is exactly
 what it would be with ``off``); so does a track whose crop changed by :data:`CUT` or more since
-its previous frame (a cut under a kept track, or motion too fast to smooth); a key unseen for
-:data:`FORGET_CALLS` calls is forgotten (bounded memory). Discontinuities need nothing here: the
-track keys change there (``FaceBatch.tracks``).
+its previous frame (a cut under a kept track, or motion too fast to smooth); a key unseen in
+:data:`FORGET_CALLS` of its input's calls is forgotten, and an input that ends is forgotten whole
+(bounded memory). Discontinuities need nothing here: the track keys change there
+(``FaceBatch.tracks``).
 
 The figures behind the constants are in ``benchmarks/temporal.py`` and its results.
 Shapes: N faces of a call, n of a device batch, S crop size, P probe side, F flow size.
@@ -31,6 +32,7 @@ Shapes: N faces of a call, n of a device batch, S crop size, P probe side, F flo
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -71,9 +73,9 @@ AGREEMENT = 0.25
 # The flow's resolution: DIS (medium preset) on 128 x 128 luma, both directions, took 2-4 ms a
 # face on this (loaded) 2-core machine; benchmarks/temporal.py measures each mode's whole cost.
 FLOW_SIZE = 128
-# A track unseen for this many calls (restore_many's: a chunk of frames) is forgotten. More than
-# one: the service's streams without options share one enhancer and take turns at the device, so
-# a track may miss a few calls and still be alive; a lost face comes back under a new key anyway.
+# A track unseen in this many of its input's calls (restore_many's with faces of that input: a
+# chunk of frames) is forgotten: it has left, or was lost and comes back under a new key anyway.
+# Calls of other inputs do not count (inputs sharing a smoother take turns at the device).
 FORGET_CALLS = 8
 # Luma weights (BT.601), what cv2.cvtColor's RGB2GRAY uses too.
 LUMA = (0.299, 0.587, 0.114)
@@ -122,25 +124,44 @@ def waves(keys: Sequence[Hashable | None]) -> list[list[int]]:
     return rounds
 
 
+def input_of(key: Hashable) -> Hashable:
+    """The input a track key belongs to: a video's keys are (input, generation, track id)
+    (``FaceBatch.tracks``); any other key is taken to be of one unnamed input."""
+    return key[0] if isinstance(key, tuple) else None
+
+
 class TrackMemory:
     """Per-track state with the reset rules' bookkeeping: ``get`` / ``put`` by key, within
-    calls (:meth:`begin_call`); a key unseen in the last ``forget_after`` calls is forgotten."""
+    calls (:meth:`begin_call`). A key is forgotten when its input's last ``forget_after`` calls
+    did not see it, counting only the calls that held faces of that input: inputs sharing one
+    smoother (the service's streams, a run's cameras and files) take turns, and a track seen
+    every tenth call is alive. An input that ends is forgotten whole (:meth:`forget_input`).
+    Thread-safe: the service's streams end in their own threads."""
 
     def __init__(self, forget_after: int = FORGET_CALLS):
         self.forget_after = forget_after
         self._states: dict[Hashable, object] = {}
-        self._seen: dict[Hashable, int] = {}
-        self._calls = 0
+        self._seen: dict[Hashable, int] = {}  # key -> its input's call count when last seen
+        self._calls: dict[Hashable, int] = {}  # input -> calls that held its faces
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._states)
 
-    def begin_call(self) -> None:
-        """A new call: forget the tracks the last ``forget_after`` calls did not see."""
-        self._calls += 1
-        stale = [k for k, last in self._seen.items() if self._calls - last > self.forget_after]
-        for key in stale:
-            del self._states[key], self._seen[key]
+    def begin_call(self, keys: Sequence[Hashable | None]) -> None:
+        """A new call with faces of ``keys``: for each input among them, forget its tracks
+        unseen in its last ``forget_after`` calls."""
+        inputs = {input_of(k) for k in keys if k is not None}
+        with self._lock:
+            for name in inputs:
+                self._calls[name] = self._calls.get(name, 0) + 1
+            stale = [
+                k
+                for k, last in self._seen.items()
+                if input_of(k) in inputs and self._calls[input_of(k)] - last > self.forget_after
+            ]
+            for key in stale:
+                del self._states[key], self._seen[key]
 
     def get(self, key: Hashable):
         """The track's state, None for a track this memory does not know."""
@@ -148,13 +169,23 @@ class TrackMemory:
 
     def put(self, key: Hashable, state) -> None:
         """The track's state after this call's face (seen now)."""
-        self._states[key] = state
-        self._seen[key] = self._calls
+        with self._lock:
+            self._states[key] = state
+            self._seen[key] = self._calls.get(input_of(key), 0)
+
+    def forget_input(self, name: Hashable) -> None:
+        """Forget every track of the input ``name`` (it has ended)."""
+        with self._lock:
+            for key in [k for k in self._states if input_of(k) == name]:
+                del self._states[key], self._seen[key]
+            self._calls.pop(name, None)
 
     def reset(self) -> None:
         """Forget every track."""
-        self._states.clear()
-        self._seen.clear()
+        with self._lock:
+            self._states.clear()
+            self._seen.clear()
+            self._calls.clear()
 
 
 @dataclass(frozen=True)
@@ -183,7 +214,7 @@ class LatentSmoother:
         """The mixing of one call's faces, for the restorer (``Restorer(..., mix=)``): ``keys``
         [N] their tracks (None: no history), ``crops`` [N, 3, S, S] what it restores. The
         restorer calls it on its device batches in order, each once."""
-        self.memory.begin_call()
+        self.memory.begin_call(keys)
         probe = probes(crops)  # [N, P*P]
 
         def mix(start: int, z: torch.Tensor, features: list[torch.Tensor]) -> None:
@@ -264,7 +295,7 @@ class FlowSmoother:
     def plan(self, keys: Sequence[Hashable | None], crops: torch.Tensor) -> FlowPlan:
         """One call's faces: ``keys`` [N] their tracks (None: no history), ``crops``
         [N, 3, S, S] RGB in [-1, 1], the restorer's input."""
-        self.memory.begin_call()
+        self.memory.begin_call(keys)
         grey = ((luma(crops, self.flow_size) + 1) * 127.5).round_().clamp_(0, 255)
         return FlowPlan(
             keys=keys,

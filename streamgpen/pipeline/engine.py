@@ -134,7 +134,8 @@ class Lane:
                 return
 
     def finish(self) -> None:
-        """The encoder writes what was processed, then every thread of this input ends."""
+        """The encoder writes what was processed, then every thread of this input ends, and
+        its restore stage lets go of its tracks' history."""
         self._outbox.close()
         try:
             self._join_encoder()
@@ -142,6 +143,8 @@ class Lane:
             self.stop.set()
             if "decode" in self._threads:
                 self._threads["decode"].join(timeout=5)
+            if self.restore is not None:
+                self.restore.close()
 
     # --- threads ---------------------------------------------------------------------------
 

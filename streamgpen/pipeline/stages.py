@@ -189,6 +189,12 @@ class RestoreStage:
         if len(packets) == 1:
             packets[0].batch = batch  # a photo's crops, for --save-faces
 
+    def close(self) -> None:
+        """The input has ended: its tracks' temporal history is forgotten (an enhancer shared
+        by the service's streams outlives each of them)."""
+        if self.tracked:
+            self.enhancer.forget_tracks(self._input)
+
     def _track_keys(self, packets: list[FramePacket]) -> list[tuple[int, int, int]]:
         keys = []
         for packet in packets:
