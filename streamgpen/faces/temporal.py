@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Hashable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import cv2
@@ -73,6 +74,10 @@ AGREEMENT = 0.25
 # The flow's resolution: DIS (medium preset) on 128 x 128 luma, both directions, took 2-4 ms a
 # face on this (loaded) 2-core machine; benchmarks/temporal.py measures each mode's whole cost.
 FLOW_SIZE = 128
+# The flows of a call's faces run on this many host threads at once: one after another they cost
+# the device worker's thread 5 ms a face (one core, benchmarks/temporal.py), 20 ms a frame of four
+# faces, where a GPU restores the four in a few; DIS is deterministic, so threads change nothing.
+FLOW_WORKERS = 4
 # A track unseen in this many of its input's calls (restore_many's with faces of that input: a
 # chunk of frames) is forgotten: it has left, or was lost and comes back under a new key anyway.
 # Calls of other inputs do not count (inputs sharing a smoother take turns at the device).
@@ -259,22 +264,25 @@ class _Output:
 
 @dataclass(frozen=True)
 class FlowPlan:
-    """One call's faces for :meth:`FlowSmoother.blend`: their keys [N], and their input crops'
-    probes [N, P*P] and luma [N, F, F] uint8, on the host (taken before GPEN runs)."""
+    """One call's faces for :meth:`FlowSmoother.blend`: their keys [N], their input crops'
+    probes [N, P*P] and luma [N, F, F] uint8 on the host (taken before GPEN runs), and, by
+    position, the flows being computed for the faces whose previous frame is carried (see
+    :meth:`FlowSmoother._face_flow`)."""
 
     keys: Sequence[Hashable | None]
     probes: np.ndarray
     greys: np.ndarray
+    flows: dict[int, Future]
 
 
 class FlowSmoother:
     """``--temporal flow``: each track's previous output carried by the crops' optical flow and
     blended into the current one where they agree (see the module's docstring).
 
-    :meth:`plan` takes the call's input crops (one small download), :meth:`blend` the restored
-    ones; between the two the restorer runs, so on CUDA the host computes the flows
-    (:meth:`blend` does that first) while the device restores. Memory: one output crop per
-    track (3 MB at 512, fp32).
+    :meth:`plan` takes the call's input crops (one small download) and starts their flows on
+    :data:`FLOW_WORKERS` host threads (OpenCV lets go of the GIL), :meth:`blend` takes the
+    restored ones and waits for the flows: on CUDA they are computed while the device aligns
+    and restores. Memory: one output crop per track (3 MB at 512, fp32).
     """
 
     def __init__(
@@ -290,25 +298,25 @@ class FlowSmoother:
         self.agreement = agreement
         self.flow_size = flow_size
         self.memory = TrackMemory(forget_after)
-        self._estimator = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
 
     def plan(self, keys: Sequence[Hashable | None], crops: torch.Tensor) -> FlowPlan:
         """One call's faces: ``keys`` [N] their tracks (None: no history), ``crops``
-        [N, 3, S, S] RGB in [-1, 1], the restorer's input."""
+        [N, 3, S, S] RGB in [-1, 1], the restorer's input. Starts their flows."""
         self.memory.begin_call(keys)
         grey = ((luma(crops, self.flow_size) + 1) * 127.5).round_().clamp_(0, 255)
-        return FlowPlan(
-            keys=keys,
-            probes=probes(crops).cpu().numpy(),
-            greys=grey.to(torch.uint8).cpu().numpy(),
-        )
+        probe, greys = probes(crops).cpu().numpy(), grey.to(torch.uint8).cpu().numpy()
+        flows = {}
+        for r, previous in enumerate(self._previous_frames(keys, probe, greys)):
+            # Nothing to carry: a new track, or a cut away (another face, or too fast).
+            if previous is not None and 1 - float(probe[r] @ previous[0]) < CUT:
+                flows[r] = _flow_pool().submit(_face_flow, greys[r], previous[1])
+        return FlowPlan(keys=keys, probes=probe, greys=greys, flows=flows)
 
     def blend(self, plan: FlowPlan, restored: torch.Tensor) -> torch.Tensor:
         """The restored crops [N, 3, S, S] (fp32, [-1, 1]) of :meth:`plan`'s faces, steadied:
         a new tensor, frame after frame per track."""
         rounds = waves(plan.keys)
-        before = self._previous_frames(plan)
-        flows = [self._flows(plan, rows, before) for rows in rounds]  # GPEN may still run
+        flows = [self._flows(plan, rows) for rows in rounds]
         # Dense NCHW: the crops (and so GPEN's output) come channels-last from the alignment,
         # where gathering and stacking whole faces was several times slower on the CPU.
         out = restored.clone(memory_format=torch.contiguous_format)
@@ -323,40 +331,32 @@ class FlowSmoother:
                 self.memory.put(plan.keys[r], state)
         return out
 
-    def _previous_frames(self, plan: FlowPlan) -> list[tuple[np.ndarray, np.ndarray] | None]:
-        """Each face's track's previous input frame (probe, luma), None where it has none: the
-        face before it in this call, else the memory's."""
+    def _previous_frames(
+        self, keys: Sequence[Hashable | None], probe: np.ndarray, greys: np.ndarray
+    ) -> list[tuple[np.ndarray, np.ndarray] | None]:
+        """Each face's track's previous input frame (probe [P*P], luma [F, F]), None where it
+        has none: the face before it in this call, else the memory's."""
         last: dict[Hashable, int] = {}
         before: list[tuple[np.ndarray, np.ndarray] | None] = []
-        for r, key in enumerate(plan.keys):
+        for r, key in enumerate(keys):
             state = None if key is None else self.memory.get(key)
             if key in last:
-                before.append((plan.probes[last[key]], plan.greys[last[key]]))
+                before.append((probe[last[key]], greys[last[key]]))
             else:
                 before.append(None if state is None else (state.probe, state.grey))
             if key is not None:
                 last[key] = r
         return before
 
-    def _flows(self, plan: FlowPlan, rows: list[int], before: list):
-        """For the faces at ``rows`` (one per track) whose previous frame exists and is not a cut
-        away (CUT): their positions, the flows [m, F, F, 2] from each one's crop to its
-        previous one, and where they pass the forward-backward check [m, F, F] bool."""
-        carried, flows, valid = [], [], []
-        for r in rows:
-            if before[r] is None:
-                continue
-            probe, grey = before[r]
-            if 1 - float(plan.probes[r] @ probe) >= CUT:
-                continue
-            backward = self._estimator.calc(plan.greys[r], grey, None)
-            forward = self._estimator.calc(grey, plan.greys[r], None)
-            carried.append(r)
-            flows.append(backward)
-            valid.append(consistent(backward, forward))
+    def _flows(self, plan: FlowPlan, rows: list[int]):
+        """For the faces at ``rows`` (one per track) that carry their previous frame: their
+        positions, the flows [m, F, F, 2] from each one's crop to its previous one, and where
+        they pass the forward-backward check [m, F, F] bool."""
+        carried = [r for r in rows if r in plan.flows]
         if not carried:
             return carried, None, None
-        return carried, np.stack(flows), np.stack(valid)
+        backward, valid = zip(*(plan.flows[r].result() for r in carried), strict=True)
+        return carried, np.stack(backward), np.stack(valid)
 
     def _carry(
         self, now: torch.Tensor, previous: torch.Tensor, flow: np.ndarray, valid: np.ndarray
@@ -391,3 +391,28 @@ def sampling_grid(motion: torch.Tensor) -> torch.Tensor:
     ys, xs = torch.meshgrid(pixels, pixels, indexing="ij")
     where = torch.stack([xs, ys], dim=-1) + motion.permute(0, 2, 3, 1)  # [m, S, S, 2]
     return where.mul_(2 / size).add_(1 / size - 1)
+
+
+_POOL_LOCK = threading.Lock()
+_POOL: ThreadPoolExecutor | None = None
+_ESTIMATORS = threading.local()  # one DIS per thread: an OpenCV algorithm object is not shared
+
+
+def _flow_pool() -> ThreadPoolExecutor:
+    """The process's flow threads, started on first use."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(FLOW_WORKERS, thread_name_prefix="streamgpen-flow")
+        return _POOL
+
+
+def _face_flow(now: np.ndarray, previous: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The flow [F, F, 2] from a face's luma ``now`` [F, F] to its ``previous`` one (where
+    each pixel's content was), and where it passes the forward-backward check [F, F] bool."""
+    estimator = getattr(_ESTIMATORS, "dis", None)
+    if estimator is None:
+        estimator = _ESTIMATORS.dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    backward = estimator.calc(now, previous, None)
+    forward = estimator.calc(previous, now, None)
+    return backward, consistent(backward, forward)
