@@ -186,6 +186,7 @@ def test_stage_costs_are_measured_and_fit_80_columns():
         "paste 4 faces at 1x",
         "paste 4 faces at 2x",
         "--color-match, 4 faces",
+        "--temporal flow, 4 faces",
     ]
     assert all(row["ms_per_frame"] > 0 for row in rows)
     console = Console(width=80, record=True, file=io.StringIO())

@@ -1,9 +1,10 @@
 """What each output-quality stage costs per frame: a 1080p frame with four faces.
 
-The stages ``--upscale``, ``--bg-upsampler``, ``--mask parse`` and ``--color-match`` add to the
-restore: the background at 2x (a resize, then each registered super-resolution architecture),
-the face parsers' masks for four restored crops, and the paste itself at 1x and 2x. Networks are
-randomly initialised, seeded (their speed does not depend on the weights' values), in the
+The stages ``--upscale``, ``--bg-upsampler``, ``--mask parse``, ``--color-match`` and
+``--temporal flow`` (the default) add to the restore: the background at 2x (a resize, then each
+registered super-resolution architecture), the face parsers' masks for four restored crops, the
+paste itself at 1x and 2x, and the flow blend of four tracked faces. Networks are randomly
+initialised, seeded (their speed does not depend on the weights' values), in the
 architectures and sizes of the released files. On a CPU the super-resolution networks are timed
 on a 240x135 frame and scaled to 1080p by pixel count (they are convolutional: their cost is
 proportional to the pixels; a full-size CPU run takes minutes), which the row says.
@@ -23,6 +24,7 @@ from spandrel.architectures.ESRGAN import ESRGAN
 from streamgpen.faces.align import paste_faces, similarity_transform, template, warp_faces
 from streamgpen.faces.color_match import match_color
 from streamgpen.faces.parse import NETWORKS, FaceParser, build_network
+from streamgpen.faces.temporal import FlowSmoother
 from streamgpen.runtime.upsampler import DEFAULT_TILE_OVERLAP, NetworkUpsampler, ResizeUpsampler
 
 FRAME = (1080, 1920)  # (height, width)
@@ -69,7 +71,17 @@ def bench_stages(
     weights = torch.ones(FACES, 1, CROP, CROP, device=device)
     seconds = _timed(lambda: match_color(restored, restored, weights), device, repeats)
     rows.append(_row(f"--color-match, {FACES} faces", seconds))
+    rows.append(_row(f"--temporal flow, {FACES} faces", _flow_seconds(restored, device, repeats)))
     return rows
+
+
+def _flow_seconds(restored: torch.Tensor, device: torch.device, repeats: int) -> float:
+    """``--temporal flow`` on four tracks past their first frame: the host's optical flows and
+    the device's blend (the default mode's cost; ``ema``'s is a few in-place lerps)."""
+    smoother = FlowSmoother()
+    keys = [("bench", 0, i) for i in range(len(restored))]
+    smoother.blend(smoother.plan(keys, restored), restored)  # the tracks' first frame: no flow
+    return _timed(lambda: smoother.blend(smoother.plan(keys, restored), restored), device, repeats)
 
 
 def _faces(frame: torch.Tensor) -> dict[str, torch.Tensor]:
