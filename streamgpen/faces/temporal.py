@@ -281,8 +281,8 @@ class FlowSmoother:
 
     :meth:`plan` takes the call's input crops (one small download) and starts their flows on
     :data:`FLOW_WORKERS` host threads (OpenCV lets go of the GIL), :meth:`blend` takes the
-    restored ones and waits for the flows: on CUDA they are computed while the device aligns
-    and restores. Memory: one output crop per track (3 MB at 512, fp32).
+    restored ones and waits for the flows: on CUDA they are computed while the device restores.
+    Memory: one output crop per track (3 MB at 512, fp32).
     """
 
     def __init__(
