@@ -372,7 +372,7 @@ def test_a_finished_video_leaves_no_history_in_a_shared_enhancer(weights_dir, tm
         RunConfig,
         SinkConfig,
         VideoConfig,
-    )  # fmt: skip
+    )
 
     clip = sample_head(tmp_path / "head.mp4", 3)
     config = RunConfig(

@@ -37,12 +37,11 @@ from collections.abc import Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from streamgpen.quality.temporal import consistent
+from streamgpen.quality.temporal import SourceMotion, flow_estimator, source_motion
 from streamgpen.runtime.restorer import LatentMix
 
 # The probe of a crop's change: its luma area-averaged to P x P, mean removed, unit norm. 16 is
@@ -267,12 +266,12 @@ class FlowPlan:
     """One call's faces for :meth:`FlowSmoother.blend`: their keys [N], their input crops'
     probes [N, P*P] and luma [N, F, F] uint8 on the host (taken before GPEN runs), and, by
     position, the flows being computed for the faces whose previous frame is carried (see
-    :meth:`FlowSmoother._face_flow`)."""
+    :func:`_face_motion`)."""
 
     keys: Sequence[Hashable | None]
     probes: np.ndarray
     greys: np.ndarray
-    flows: dict[int, Future]
+    flows: dict[int, Future[SourceMotion]]
 
 
 class FlowSmoother:
@@ -305,11 +304,11 @@ class FlowSmoother:
         self.memory.begin_call(keys)
         grey = ((luma(crops, self.flow_size) + 1) * 127.5).round_().clamp_(0, 255)
         probe, greys = probes(crops).cpu().numpy(), grey.to(torch.uint8).cpu().numpy()
-        flows = {}
+        flows, pool = {}, _flow_pool()
         for r, previous in enumerate(self._previous_frames(keys, probe, greys)):
             # Nothing to carry: a new track, or a cut away (another face, or too fast).
             if previous is not None and 1 - float(probe[r] @ previous[0]) < CUT:
-                flows[r] = _flow_pool().submit(_face_flow, greys[r], previous[1])
+                flows[r] = pool.submit(_face_motion, previous[1], greys[r])
         return FlowPlan(keys=keys, probes=probe, greys=greys, flows=flows)
 
     def blend(self, plan: FlowPlan, restored: torch.Tensor) -> torch.Tensor:
@@ -355,8 +354,12 @@ class FlowSmoother:
         carried = [r for r in rows if r in plan.flows]
         if not carried:
             return carried, None, None
-        backward, valid = zip(*(plan.flows[r].result() for r in carried), strict=True)
-        return carried, np.stack(backward), np.stack(valid)
+        motions = [plan.flows[r].result() for r in carried]
+        return (
+            carried,
+            np.stack([m.backward for m in motions]),
+            np.stack([m.valid for m in motions]),
+        )
 
     def _carry(
         self, now: torch.Tensor, previous: torch.Tensor, flow: np.ndarray, valid: np.ndarray
@@ -407,12 +410,11 @@ def _flow_pool() -> ThreadPoolExecutor:
         return _POOL
 
 
-def _face_flow(now: np.ndarray, previous: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The flow [F, F, 2] from a face's luma ``now`` [F, F] to its ``previous`` one (where
-    each pixel's content was), and where it passes the forward-backward check [F, F] bool."""
+def _face_motion(previous: np.ndarray, now: np.ndarray) -> SourceMotion:
+    """A face's motion from its ``previous`` luma [F, F] uint8 to ``now``'s: what ``streamgpen
+    eval`` measures between frames (the flow from now to previous, where each pixel's content
+    was, and where it passes the forward-backward check), with this thread's DIS."""
     estimator = getattr(_ESTIMATORS, "dis", None)
     if estimator is None:
-        estimator = _ESTIMATORS.dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
-    backward = estimator.calc(now, previous, None)
-    forward = estimator.calc(previous, now, None)
-    return backward, consistent(backward, forward)
+        estimator = _ESTIMATORS.dis = flow_estimator()
+    return source_motion(estimator, previous, now)
